@@ -1,0 +1,95 @@
+"""The attention core shared by LlamaGen and VAR, for training and for KV-cached decoding.
+
+Each model projects its own q/k/v (LlamaGen: fused ``wqkv`` + 2-D RoPE; VAR: ``mat_qkv`` with
+q/v biases and L2-normalised q/k) and then calls :func:`attend`. Decoding keeps the keys and values
+of all earlier positions in a :class:`KVCache` of static size ``S`` and writes new ones at a traced
+offset with :func:`KVCache.update`, so a whole generation jits into one ``lax`` loop.
+
+Shapes: ``B`` batch, ``L`` query positions, ``S`` key positions, ``H`` query heads, ``K`` key/value
+heads (``H % K == 0``; GQA repeats each key head ``H // K`` times), ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def attend(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
+           mask: Optional[jax.Array] = None, scale: jax.Array | float | None = None,
+           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+           deterministic: bool = True) -> jax.Array:
+    """Softmax attention; returns ``[B, L, H, D]`` in q's dtype.
+
+    mask: boolean, broadcastable to ``[B, H, L, S]``; True = may attend.
+    scale: multiplies q·k (default ``1/sqrt(D)``); may be an array broadcastable to
+      ``[B, H, L, S]`` (VAR scales each head separately and passes its scale in q instead).
+    Logits and softmax are computed in float32 whatever the activation dtype.
+    """
+    B, L, H, D = q_BLHD.shape
+    K = k_BSKD.shape[2]
+    if H % K:
+        raise ValueError(f"{H} query heads are not a multiple of {K} key/value heads.")
+    if K != H:  # GQA: each key/value head serves H // K consecutive query heads
+        k_BSKD = jnp.repeat(k_BSKD, H // K, axis=2)
+        v_BSKD = jnp.repeat(v_BSKD, H // K, axis=2)
+    if scale is None:
+        scale = 1.0 / jnp.sqrt(jnp.float32(D))
+    logits_BHLS = jnp.einsum("blhd,bshd->bhls", q_BLHD, k_BSKD,
+                             preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits_BHLS = jnp.where(mask, logits_BHLS, jnp.finfo(jnp.float32).min)
+    probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1)
+    if dropout_rate > 0.0 and not deterministic:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BHLS.shape)
+        probs_BHLS = jnp.where(keep, probs_BHLS / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bhls,bshd->blhd", probs_BHLS.astype(v_BSKD.dtype), v_BSKD,
+                     preferred_element_type=jnp.float32)
+    out = out.astype(q_BLHD.dtype)
+    return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
+
+
+def causal_mask(L: int) -> jax.Array:
+    """``[1, 1, L, L]``: position i attends to j <= i."""
+    return jnp.tril(jnp.ones((L, L), bool))[None, None]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of one attention layer for positions ``[0, S)``: ``k, v [B, S, K, D]``."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, max_len, kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, k_BLKD: jax.Array, v_BLKD: jax.Array, index: jax.Array | int) -> "KVCache":
+        """Writes ``L`` new positions starting at (traced) ``index``."""
+        index = jnp.asarray(index, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, index, zero, zero)
+        return KVCache(k=jax.lax.dynamic_update_slice(self.k, k_BLKD.astype(self.k.dtype), start),
+                       v=jax.lax.dynamic_update_slice(self.v, v_BLKD.astype(self.v.dtype), start))
+
+
+def cached_mask(index: jax.Array | int, L: int, S: int, *, causal: bool) -> jax.Array:
+    """``[1, 1, L, S]`` mask for ``L`` queries at positions ``[index, index+L)`` over a cache of ``S``.
+
+    causal=True (LlamaGen): query at position p sees keys ``<= p``.
+    causal=False (VAR, block-causal by scale): every query of the block sees keys ``< index+L``.
+    """
+    q_pos = jnp.asarray(index, jnp.int32) + jnp.arange(L)[:, None]
+    k_pos = jnp.arange(S)[None, :]
+    m = k_pos <= q_pos if causal else k_pos < jnp.asarray(index, jnp.int32) + L
+    return m[None, None]
