@@ -43,12 +43,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay_end = -1.0  # < 0: constant weight_decay
     c.optim.decay_rule = "ndim"  # which params decay: "ndim" (>= 2-D, LlamaGen) | "var" (VAR's name rule)
     c.optim.schedule = "constant"  # constant | var_lin0 (warm-up then VAR's linear decay)
-    c.optim.warmup_steps = 0  # var_lin0: linear warm-up length in optimizer steps
+    c.optim.warmup_steps = 0.0  # var_lin0: linear warm-up length in optimizer steps (VAR: wp_it / accum)
     c.optim.warmup_start = 0.005  # var_lin0: lr ratio at step 0 (wp0)
     c.optim.end_ratio = 0.1  # var_lin0: final lr ratio (wpe)
+    c.optim.schedule_steps = -1.0  # var_lin0: schedule length in optimizer steps (may be
+    #   fractional: VAR's max_it / accum); < 0: the run's number of optimizer steps
     c.optim.grad_clip = 1.0  # global-norm clip threshold (applied to the accumulated gradient)
     c.optim.grad_accum_steps = 1  # micro-steps per optimizer step
-    c.optim.accum = "mean"  # "sum" (LlamaGen: sum of micro-step gradients) | "mean" (VAR)
+    c.optim.accum = "mean"  # "sum" (LlamaGen: sum of micro-step gradients, so the clip acts on
+    #   accum x the mean gradient) | "mean" (VAR). Default "mean": the update does not depend on
+    #   how the batch is split; LlamaGen recipes set "sum" to reproduce the official update.
 
     # --- training loop (cca_jax/train.py) -------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -59,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "float32"  # float32 | bfloat16 (fp32 master weights either way)
     c.train.reference_dtype = "float32"  # dtype the frozen reference is held in
     c.train.remat = False  # rematerialise transformer blocks to save activation memory
-    c.train.nonfinite = "error"  # error | skip: what a non-finite loss/gradient does
+    c.train.nonfinite = "error"  # error | skip: what a non-finite loss/gradient does (the update
+    #   is never applied; error stops the run naming the step, skip logs it and continues)
+    c.train.token_metrics = True  # also log VAR's token metrics Lm/Lt/Accm/Acct (one argmax pass)
     c.train.log_every = 50  # steps between metric writes
     c.train.ckpt_every = 1000  # steps between checkpoints (and one at the end)
     c.train.keep_checkpoints = 3  # how many checkpoints Orbax keeps
@@ -78,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.synthetic_size = 1024  # synthetic: number of random examples
     c.data.on_bad_record = "error"  # error | skip (skipped records are counted in the logs)
+    c.data.views = "random"  # random: one augmentation (view) per image per epoch | all: every record
+    c.data.prefetch = 2  # batches read ahead by a background thread (0: read in the caller)
+    c.data.tokenizer_checksum = ""  # if set, must equal the dataset's tokenizer checksum
 
     # --- sampling (cca_jax/sampling/) -----------------------------------------------------------------
     c.sample = ml_collections.ConfigDict()
@@ -89,11 +98,48 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.top_k = 0
     c.sample.top_p = 1.0
     c.sample.seed = 0
+    c.sample.cfg_interval = -1  # LlamaGen: > -1 stops guiding after that many tokens
+    c.sample.labels = "auto"  # auto (VAR: balanced, LlamaGen: uniform) | balanced | uniform
+    c.sample.image_size_eval = 256  # LlamaGen: decoded images are bicubic-resized to this (0: keep)
+    c.sample.dtype = "float32"  # compute dtype of the sampler (bfloat16 on TPU for speed)
+    c.sample.name = ""  # output file stem under <workdir>/samples ("" = samples_<N>)
 
     # --- evaluation (cca_jax/evaluate.py) -------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()
     c.eval.samples_npz = ""  # ADM-format npz to evaluate ("" = sample from the checkpoint first)
     c.eval.reference_npz = ""  # ADM reference batch (VIRTUAL_imagenet256_labeled.npz)
     c.eval.inception_weights = ""  # pt_inception-2015-12-05 weights file (never downloaded)
-    c.eval.batch_size = 200
+    c.eval.batch_size = 200  # images per device per feature-network call
+    c.eval.inception_preprocess = "tf1"  # tf1: ADM graph's front end (TF1 resize, (x-128)/128) | pytorch_fid
+    c.eval.inception_resolution = 299  # feature-network input size (299 for real evaluations; >= 75)
+    c.eval.tf_graph = ""  # ADM's classify_image_graph_def.pb: exact ADM features via TensorFlow instead
+    c.eval.reference_stats = "file"  # file: the reference npz's own mu/sigma(_s) if present (ADM) | recompute
+    c.eval.reference_image_size = 256  # reference given as an image directory: ADM center crop to this size
+    c.eval.cache_dir = ""  # cache of reference features ("" = <workdir>/eval_cache)
+    c.eval.metrics = "fid,sfid,inception_score,precision,recall"  # comma-separated; also: accuracy
+    c.eval.labels_key = ""  # npz key of the sample labels for accuracy ("" = labels or arr_1)
+    c.eval.is_split_size = 5000  # Inception-Score split size (ADM: 5000, so 10 splits for 50k)
+    c.eval.pr_k = 3  # precision/recall neighbourhood size
+    c.eval.pr_batch_size = 10000  # precision/recall row/column batch (ADM: 10000)
+    c.eval.fid_method = "sqrtm"  # sqrtm: ADM's numerics | eigh: fast, for N < feature dim (in-training FID uses it)
+    c.eval.step = 0  # TensorBoard step the eval job writes its metrics at
+    c.eval.output_name = ""  # JSON file name under <workdir>/eval ("" = the samples npz's stem)
+    c.eval.train_num_samples = 1000  # samples per in-training evaluation (every train.eval_every steps)
+    c.eval.train_metrics = "fid"  # metrics of the in-training evaluation
+
+    # --- capacity planner (cca_jax/plan.py; job "plan") -----------------------------------------------
+    c.plan = ml_collections.ConfigDict()
+    c.plan.topology = "v5p-8"  # what to plan for: v4-32, v5p-64, v5e-256, v6e-64, 8xH100, 8xA100-80G...
+    c.plan.micro_batch = -1  # per-device micro-batch; < 0: global_batch_size / grad_accum_steps / (data*fsdp)
+    c.plan.hbm_fraction = 0.9  # share of HBM the step may use (rest: XLA scratch, runtime, fragmentation)
+
+    # --- checkpoint conversion (cca_jax/convert/job.py; job "convert") ---------------------------------
+    c.convert = ml_collections.ConfigDict()
+    c.convert.direction = "to_orbax"  # to_orbax: official files -> <workdir>/params, <workdir>/tokenizer_params
+    #                                   to_official: Orbax params -> <workdir>/model.pt(h), tokenizer.pt(h)
+    c.convert.source = ""  # model to convert; "" = config.init.reference_checkpoint (file, Orbax params
+    #                        dir, or a train workdir: its latest checkpoint's params)
+    c.convert.tokenizer = True  # also convert config.init.tokenizer_checkpoint when it is set
+    c.convert.wrap = "auto"  # to_official: "auto" (the family's official layout), "none" (bare state dict), or a key
+    c.convert.overwrite = False  # replace existing outputs instead of stopping with an error
     return c
