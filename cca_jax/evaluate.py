@@ -343,7 +343,7 @@ class _Extractor:
         if n < global_batch:  # static shapes: pad, then drop the padded rows
             pad = np.zeros((global_batch - n,) + batch.shape[1:], batch.dtype)
             batch = np.concatenate([batch, pad])
-        with self.mesh, sharding.logical_rules():
+        with sharding.use_mesh(self.mesh):
             out = self.fn(self.params, _put(np.ascontiguousarray(batch), self.batch_sharding))
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 

@@ -93,8 +93,20 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
 
 @contextlib.contextmanager
 def logical_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
-    """Context under which ``with_logical_constraint`` annotations take effect."""
+    """Logical-name rules only (no mesh): for code that maps specs but traces nothing."""
     with nn.logical_axis_rules(rules):
+        yield
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
+    """Context for tracing sharded code: ``mesh`` set as JAX's current mesh plus the rules.
+
+    ``jax.set_mesh`` (not the legacy ``with mesh:``) is what makes flax's
+    ``with_logical_constraint`` emit sharding constraints under jax >= 0.7; under ``with mesh:``
+    they are silently dropped and every device would run the whole batch through the model.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
 
@@ -127,6 +139,13 @@ def _fit_sharding(shape, sharding: NamedSharding) -> NamedSharding:
     return NamedSharding(sharding.mesh, P(*fixed))
 
 
+def strip_boxes(tree: Any) -> Any:
+    """Removes ``nn.Partitioned`` boxes without applying their constraint (``nn.meta.unbox`` would
+    add a sharding constraint when traced under :func:`use_mesh`)."""
+    return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+                                  tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def boxed_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
     """Shardings for a pytree of (possibly ``nn.Partitioned``-boxed) abstract arrays.
 
@@ -135,7 +154,7 @@ def boxed_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any
     """
     specs = nn.get_partition_spec(abstract_boxed)
     shardings = logical_to_sharding(specs, mesh, rules)
-    shapes = nn.meta.unbox(abstract_boxed)
+    shapes = strip_boxes(abstract_boxed)
     return jax.tree_util.tree_map(
         lambda s, x: _fit_sharding(x.shape, s), shardings, shapes,
         is_leaf=lambda x: isinstance(x, NamedSharding))
@@ -149,6 +168,6 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_R
     """
     abstract = jax.eval_shape(init_fn, *args)
     shardings = boxed_shardings(abstract, mesh, rules)
-    with mesh, logical_rules(rules):
-        out = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    with use_mesh(mesh, rules):
+        out = jax.jit(lambda *a: strip_boxes(init_fn(*a)), out_shardings=shardings)(*args)
     return out

@@ -233,7 +233,7 @@ def test_runs_sharded_under_logical_rules():
     img = _tiny_images(8)
     want = np.concatenate([np.asarray(i) for i in _img_to_idxBl(params, cfg, img, "NHWC")], 1)
     mesh = sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 1})
-    with mesh, sharding.logical_rules():
+    with sharding.use_mesh(mesh):
         img_s = jax.device_put(img, sharding.batch_sharding(mesh, 4))
         got = jax.jit(lambda p, x: jnp.concatenate(vqvae.img_to_idxBl(p, cfg, x), 1))(params, img_s)
     np.testing.assert_array_equal(np.asarray(got), want)

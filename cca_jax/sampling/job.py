@@ -192,7 +192,7 @@ def generate_samples(sampler: ImageSampler, labels: np.ndarray, out_dir: epath.P
     out_dir.mkdir(parents=True, exist_ok=True)
     batch_sh = sharding.batch_sharding(mesh, 1)
 
-    with mesh, sharding.logical_rules():
+    with sharding.use_mesh(mesh):
         if sampler.abstract_params is not None:
             p_sh = sharding.boxed_shardings(sampler.abstract_params, mesh)
             params = jax.device_put(sampler.params, p_sh)
