@@ -301,6 +301,6 @@ def test_sharded_init_and_forward_match_unsharded():
     ref = jax.tree_util.tree_map(lambda x: x + 0.01, ref)
     labels, tokens = random_batch(cfg, B=4)
     model = lg.Transformer(cfg)
-    with mesh, sharding.logical_rules():
+    with sharding.use_mesh(mesh):
         out = jax.jit(lambda p, c, t: model.apply({"params": p}, c, t))(params, labels, tokens[:, :-1])
     np.testing.assert_allclose(np.asarray(out), forward(model, ref, labels, tokens[:, :-1]), atol=1e-5)
