@@ -427,9 +427,16 @@ def test_start_script_failure_and_sigterm_are_reported(tmp_path):
     assert tpu.parse_status(_wait_status(env, "exit=7"), 1) == "failed"
 
     py = home / "cca_jax" / ".venv" / "bin" / "python"
-    py.write_text("#!/bin/bash\nsleep 30\n")
+    ready = tmp_path / "trainer_started"
+    py.write_text(f"#!/bin/bash\ntouch {ready}\nsleep 30\n")
     _bash(tpu.start_script(L), env)  # previous run ended: starts at once
     assert "cca-status: running" in _wait_status(env, "running")
+    # the trainer runs only after the wrapper installed its TERM trap; wait for it so a loaded
+    # machine cannot deliver the SIGTERM before the trap exists
+    deadline = time.time() + 20
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert ready.exists()
     _bash(tpu.stop_script(), env)  # SIGTERM to the run's process group, like a host shutdown
     out = _wait_status(env, "preempted")
     assert tpu.parse_status(out, 1) == "preempted", out
