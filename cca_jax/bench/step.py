@@ -1,0 +1,150 @@
+"""CCA train-step throughput: ``python -m cca_jax.bench.step [--which llamagen,var] [--steps 5]``.
+
+Prints, for two fixed configs on whatever devices exist (all of them, FSDP mesh):
+
+* BENCH-LLAMAGEN: LlamaGen dim 512, 8 layers, 8 heads, vocab 16384, 256 image tokens,
+  1 class token, global batch 4;
+* BENCH-VAR: VAR depth 8 (width 512, 8 heads), the 10 scales (L = 680), vocab 4096, Cvae 32,
+  global batch 4 (teacher-forcing input rebuilt from token ids on device, as in training);
+
+the step time, tokens/s (tokens scored by the policy: 2B sequences × L, the [x; x] batch) and
+model FLOP/s with
+
+    FLOPs/step = policy 6·N·T + reference 2·N·T + attention 12·n_layer·L·C·T (policy, fwd+bwd)
+                 + 4·n_layer·L·C·T (reference, fwd)
+
+where T = 2B·L tokens and N the parameters in per-token matmuls (transformer blocks and head;
+embedding tables and VAR's per-sample AdaLN projections excluded); attention counts the full
+L×L score matrix. The ratio is to a matmul peak measured on the same devices (a jitted large
+square float32 matmul, per device).
+
+Official PyTorch step on this 2-core CPU (fp32, from the issue): BENCH-LLAMAGEN 4.3 s
+(≈ 476 tokens/s, 0.68 of peak); BENCH-VAR 14.8 s (≈ 368 tokens/s, 6.7 s of it re-encoding images
+with the VQVAE). Bars: ≥ 0.85 of peak (LlamaGen), ≥ 2× the official tokens/s (VAR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cca_jax import families, train
+from configs.common import base_config
+
+OFFICIAL_STEP_S = {"llamagen": 4.3, "var": 14.8}
+BATCH = 4
+
+
+def bench_config(which: str, *, dtype: str = "float32", keep_dropout: bool = True):
+    c = base_config()
+    if which == "llamagen":
+        c.model.update(dict(family="llamagen", dim=512, n_layer=8, n_head=8, vocab_size=16384,
+                            num_classes=1000, cls_token_num=1, block_size=256,
+                            class_dropout_prob=1e-5, token_dropout_p=0.1, resid_dropout_p=0.1,
+                            ffn_dropout_p=0.1))
+        c.loss.uncond_zero_form = "llamagen"
+    elif which == "var":
+        c.model.update(dict(family="var", depth=8, embed_dim=512, num_heads=8, vocab_size=4096,
+                            Cvae=32, num_classes=1000,
+                            patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                            drop_path_rate=0.1 * 8 / 24))
+        c.loss.uncond_zero_form = "var"
+        c.optim.decay_rule = "var"
+    else:
+        raise ValueError(f"unknown bench {which!r}; expected llamagen or var.")
+    c.data.source = "synthetic"
+    c.train.global_batch_size = BATCH
+    c.train.compute_dtype = dtype
+    c.train.keep_dropout = keep_dropout
+    c.optim.grad_accum_steps = 1
+    c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    return c
+
+
+def step_flops(family: families.Family, batch: int) -> float:
+    cfg = family.model_cfg
+    if family.name == "llamagen":
+        n_layer, width = cfg.n_layer, cfg.dim
+    else:
+        n_layer, width = cfg.depth, cfg.embed_dim
+    L = family.num_tokens
+    T = 2 * batch * L
+    N = family.matmul_params()
+    attn = 4.0 * n_layer * L * width  # forward, per token
+    return T * (6.0 * N + 3 * attn) + T * (2.0 * N + attn)
+
+
+def matmul_peak(n: int = 4096, reps: int = 4) -> float:
+    """float32 FLOP/s of one device on a large square matmul (best of a few runs)."""
+    a = jnp.ones((n, n), jnp.float32)
+    b = jnp.ones((n, n), jnp.float32) * 0.5
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def run_bench(which: str, *, steps: int, warmup: int, dtype: str, keep_dropout: bool) -> dict:
+    config = bench_config(which, dtype=dtype, keep_dropout=keep_dropout)
+    tr = train.Trainer(config, total_steps=1000)
+    data = train.make_data(config, tr.family, tr.mesh)
+    state, ref = tr.init_state(None, seed=0, with_reference=True)
+    aux = tr.aux_global(tr.family.make_aux(config, jax.random.key(2)))
+    batches = [tr.global_batch(next(data)) for _ in range(2)]
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        state, m = tr.step(state, ref, batches[i % 2], aux)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        state, m = tr.step(state, ref, batches[i % 2], aux)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    tokens = 2 * BATCH * tr.family.num_tokens
+    flops = step_flops(tr.family, BATCH)
+    return {"which": which, "step_s": step_s, "min_step_s": min(times), "tokens_per_s": tokens / step_s,
+            "flops_per_step": flops, "flops_per_s": flops / step_s, "compile_s": compile_s,
+            "matmul_params": tr.family.matmul_params(), "devices": len(tr.mesh.devices.flat),
+            "loss": float(m["loss"])}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--which", default="llamagen,var")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--no_dropout", action="store_true", help="keep_dropout=False")
+    ap.add_argument("--matmul_n", type=int, default=4096)
+    args = ap.parse_args(argv)
+
+    peak = matmul_peak(args.matmul_n)
+    ndev = jax.device_count()
+    print(f"devices: {ndev} x {jax.devices()[0].device_kind}; matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s per device (n={args.matmul_n}, float32)")
+    for which in args.which.split(","):
+        r = run_bench(which, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
+                      keep_dropout=not args.no_dropout)
+        official_tps = 2 * BATCH * (256 if which == "llamagen" else 680) / OFFICIAL_STEP_S[which]
+        ratio = r["flops_per_s"] / (peak * ndev)
+        print(f"BENCH-{which.upper()}: step {r['step_s']:.3f} s (min {r['min_step_s']:.3f}, "
+              f"compile+warm-up {r['compile_s']:.1f} s), {r['tokens_per_s']:.0f} tokens/s "
+              f"({r['tokens_per_s'] / official_tps:.2f}x official {official_tps:.0f}), "
+              f"{r['flops_per_s'] / 1e9:.1f} model GFLOP/s = {ratio:.2f} of peak "
+              f"[N={r['matmul_params'] / 1e6:.1f}M, {r['flops_per_step'] / 1e9:.0f} GFLOP/step, "
+              f"dtype {args.dtype}, dropout {'off' if args.no_dropout else 'on'}]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,719 @@
+"""The CCA train step and loop: ``python -m cca_jax.main --config=configs/<recipe>.py --workdir=DIR``.
+
+One jitted, sharded step per optimizer update (spec ../shared/spec/cca.md):
+
+1. the global batch ``tokens [B, L]``, ``labels [B]`` is split into ``grad_accum_steps``
+   micro-batches (micro-batch ``j`` = rows ``r`` with ``r % accum == j``, so every device keeps
+   its own rows) and ``lax.scan`` runs them;
+2. per micro-batch: negatives and the null-class (TBM) mask (losses.build_cca_labels), one
+   reference forward and one policy forward on ``[x; x]`` with ``[y; ỹ]`` (rows interleaved
+   ``y_0, ỹ_0, y_1, ỹ_1, ...`` so that no row changes device), with independent dropout rngs,
+   sequence log-likelihoods and the loss (losses.cca_loss / mle_loss);
+3. the micro-step gradients are summed, scaled for the accumulation mode (optim.py), clipped and
+   applied by AdamW; a non-finite loss or gradient leaves params and optimizer state unchanged
+   and is reported (``config.train.nonfinite``: ``error`` stops the run naming the step,
+   ``skip`` logs it and goes on).
+
+State: :class:`TrainState` (step, policy params, optimizer state, base rng). The frozen reference
+params are a separate argument (never differentiated, optionally bfloat16). Randomness of step
+``k`` is ``fold_in(rng, k)`` (threefry, partitionable: the same bits on any mesh), so a resumed
+run, or one on another device count, draws exactly what an uninterrupted one would.
+Params and optimizer state are sharded from ``jax.eval_shape`` + the logical rules
+(sharding.py), the batch over ``data × fsdp``; the state is donated; everything is traced under
+``sharding.use_mesh`` so the models' logical activation constraints take effect.
+
+The loop (:func:`train_and_evaluate`): resume from the newest complete Orbax checkpoint in
+``<workdir>/checkpoints`` (cca_jax/checkpoint.py; also onto another mesh), data position
+included; each process feeds only its rows of the global batch
+(``jax.make_array_from_process_local_data``); clu metric writers (TensorBoard in ``workdir``, only
+process 0 writes) get the loss, every CCA metric, lr, weight decay, grad norm, steps/s and tokens/s
+every ``train.log_every`` steps, plus ``ReportProgress`` and a console line; a checkpoint every
+``train.ckpt_every`` steps and at the end; SIGTERM (preemption.py) saves and stops at an agreed
+step; ``train.eval_every > 0`` adds a small-N FID of policy samples (evaluate.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cca_jax import families, losses, optim, sharding
+
+BATCH_AXES = ("data", "fsdp")
+HPARAM_SECTIONS = ("seed", "model", "init", "loss", "optim", "train", "mesh", "data")
+
+
+# ============================================================================ state and config
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Any  # policy params (float32 master weights)
+    opt_state: Any
+    rng: jax.Array  # uint32[2] base key; step k uses fold_in(rng, k)
+
+    def to_tree(self) -> dict:
+        """The dict saved in checkpoints (``params`` at the top, as the samplers expect)."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
+                "rng": self.rng}
+
+    @classmethod
+    def from_tree(cls, tree: dict) -> "TrainState":
+        return cls(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                   rng=tree["rng"])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static (trace-time) options of the step, read from the config once."""
+
+    loss_type: str = "cca"
+    beta: float = 0.02
+    lambda_: float = 1000.0
+    uncond_ratio: float = 0.1
+    uncond_zero_form: str = "llamagen"
+    negatives: str = "global_roll"
+    roll_group: int = 2
+    label_dropout: float = 0.1
+    accum_steps: int = 1
+    accum_scale: float = 1.0
+    compute_dtype: Any = jnp.float32
+    token_metrics: bool = True
+
+    @classmethod
+    def from_config(cls, config) -> "StepOptions":
+        lc = config.loss
+        if lc.type not in losses.LOSS_TYPES:
+            raise ValueError(f"config.loss.type={lc.type!r}; expected one of {losses.LOSS_TYPES}.")
+        if lc.negatives not in losses.NEGATIVES:
+            raise ValueError(f"config.loss.negatives={lc.negatives!r}; expected one of "
+                             f"{losses.NEGATIVES}.")
+        return cls(loss_type=lc.type, beta=float(lc.beta), lambda_=float(lc.lambda_),
+                   uncond_ratio=float(lc.uncond_ratio), uncond_zero_form=lc.uncond_zero_form,
+                   negatives=lc.negatives, roll_group=int(lc.roll_group),
+                   label_dropout=float(lc.label_dropout),
+                   accum_steps=int(config.optim.grad_accum_steps),
+                   accum_scale=optim.accumulation_scale(config.optim),
+                   compute_dtype=families.parse_dtype(config.train.compute_dtype),
+                   token_metrics=bool(config.train.get("token_metrics", True)))
+
+
+# ================================================================================ the objective
+
+def _interleave(a, b):
+    """``[B, ...]``, ``[B, ...]`` -> ``[2B, ...]`` rows a_0, b_0, a_1, b_1, ..."""
+    return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def _cast_kernels(params, dtype):
+    """Matmul kernels in the compute dtype before the forward (the layers would cast them anyway;
+    casting first lets FSDP all-gather half the bytes)."""
+    if dtype == jnp.float32:
+        return params
+
+    def cast(path, x):
+        name = str(getattr(path[-1], "key", ""))
+        return x.astype(dtype) if name == "kernel" and x.dtype == jnp.float32 else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def micro_loss_and_grads(params, ref_params, tokens_BL, labels_B, key, aux, *,
+                         family: families.Family, opts: StepOptions,
+                         uncond_B: Optional[jax.Array] = None):
+    """Loss, metrics, gradients and per-sample extras of one micro-batch.
+
+    Returns ``(loss, metrics, grads, extras)``; ``extras`` holds ``policy_logp [B, 2]`` and
+    ``ref_logp [B, 2]`` (column 0: positive condition, 1: negative) and the labels fed to the
+    models. ``uncond_B`` overrides the drawn TBM mask (parity tests).
+    """
+    k_lab, k_pol, k_ref = jax.random.split(key, 3)
+    B, L = tokens_BL.shape
+    dtype = opts.compute_dtype
+    tokens_BL = tokens_BL.astype(jnp.int32)
+
+    if opts.loss_type == "mle":
+        y_B = losses.drop_labels(k_lab, labels_B, rate=opts.label_dropout,
+                                 null_label=family.null_label)
+
+        def f(p):
+            logits = family.logits(_cast_kernels(p, dtype), tokens_BL, y_B, train=True, rng=k_pol,
+                                   dtype=dtype, aux=aux)
+            tok_BL, top1_BL = losses.token_logp_and_top1(logits, tokens_BL)
+            logp_B = jnp.sum(tok_BL, axis=-1)
+            out = losses.mle_loss(logp_B=logp_B, num_tokens=L)
+            m = dict(out.metrics)
+            if opts.token_metrics:
+                m.update(losses.token_metrics_from(tok_BL, top1_BL, last_l=family.last_l))
+            return out.loss, (m, {"policy_logp": logp_B[:, None], "pos_labels": y_B})
+
+        (loss, (m, extras)), g = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, m, g, extras
+
+    lab = losses.build_cca_labels(labels_B, null_label=family.null_label, rng=k_lab,
+                                  uncond_ratio=opts.uncond_ratio, mask_B=uncond_B,
+                                  negatives=opts.negatives, roll_group=opts.roll_group)
+    tokens2 = _interleave(tokens_BL, tokens_BL)
+    labels2 = _interleave(lab.pos_B, lab.neg_B)
+    ref_logits = family.logits(_cast_kernels(ref_params, dtype), tokens2, labels2, train=True,
+                               rng=k_ref, dtype=dtype, aux=aux)
+    ref_logp = jax.lax.stop_gradient(losses.sequence_logp(ref_logits, tokens2)).reshape(B, 2)
+    del ref_logits
+
+    def f(p):
+        logits = family.logits(_cast_kernels(p, dtype), tokens2, labels2, train=True, rng=k_pol,
+                               dtype=dtype, aux=aux)
+        tok_2BL, top1_2BL = losses.token_logp_and_top1(logits, tokens2)
+        logp = jnp.sum(tok_2BL, axis=-1).reshape(B, 2)
+        out = losses.cca_loss(
+            policy_pos_B=logp[:, 0], policy_neg_B=logp[:, 1], ref_pos_B=ref_logp[:, 0],
+            ref_neg_B=ref_logp[:, 1], pos_labels_B=lab.pos_B, neg_labels_B=lab.neg_B,
+            uncond_B=lab.uncond_B, loss_type=opts.loss_type, beta=opts.beta,
+            lambda_=opts.lambda_, uncond_ratio=opts.uncond_ratio,
+            uncond_zero_form=opts.uncond_zero_form, num_tokens=L)
+        m = dict(out.metrics)
+        if opts.token_metrics:  # positive-condition rows are the even ones
+            m.update(losses.token_metrics_from(tok_2BL[0::2], top1_2BL[0::2],
+                                               last_l=family.last_l))
+        extras = {"policy_logp": logp, "ref_logp": ref_logp, "pos_labels": lab.pos_B,
+                  "neg_labels": lab.neg_B, "neg_weight": out.neg_weight_B,
+                  "mixed_weight": out.mixed_weight_B}
+        return out.loss, (m, extras)
+
+    (loss, (m, extras)), g = jax.value_and_grad(f, has_aux=True)(params)
+    return loss, m, g, extras
+
+
+def _combine_metrics(ms: dict) -> dict:
+    """Means over micro-batches (leading axis); uncond_reward weighted by TBM row counts."""
+    out = {k: jnp.mean(v) for k, v in ms.items() if k not in ("uncond_reward", "uncond_count")}
+    if "uncond_reward" in ms:
+        n = ms["uncond_count"]
+        tot = jnp.sum(jnp.where(n > 0, ms["uncond_reward"] * n, 0.0))
+        out["uncond_reward"] = tot / jnp.sum(n)  # NaN when no row of the step was masked
+        out["uncond_count"] = jnp.sum(n)
+    return out
+
+
+def make_train_step(family: families.Family, tx: optax.GradientTransformation,
+                    schedules: optim.Schedules, opts: StepOptions, *,
+                    param_shardings: Any = None) -> Callable:
+    """``step(state, ref_params, batch, aux) -> (state, metrics)`` (not jitted; see Trainer).
+
+    ``batch``: ``tokens [B, L]``, ``labels [B]`` and optionally ``uncond_mask [B]`` (fixed TBM).
+    """
+    A = opts.accum_steps
+
+    def constrain(tree):
+        if param_shardings is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, param_shardings)
+
+    def step(state: TrainState, ref_params, batch, aux):
+        key = jax.random.fold_in(state.rng, state.step)
+        tokens, labels = batch["tokens"], batch["labels"].astype(jnp.int32)
+        uncond = batch.get("uncond_mask")
+        B = tokens.shape[0]
+        run = functools.partial(micro_loss_and_grads, family=family, opts=opts)
+        if A == 1:
+            loss, metrics, grads, _ = run(state.params, ref_params, tokens, labels,
+                                          jax.random.fold_in(key, 0), aux, uncond_B=uncond)
+            metrics = _combine_metrics(jax.tree_util.tree_map(lambda x: x[None], metrics))
+        else:
+            def split(x):
+                x = x.reshape((B // A, A) + x.shape[1:]).swapaxes(0, 1)
+                spec = P(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+                return jax.lax.with_sharding_constraint(x, spec) if param_shardings is not None else x
+
+            xs = {"tokens": split(tokens), "labels": split(labels), "j": jnp.arange(A)}
+            if uncond is not None:
+                xs["uncond"] = split(uncond)
+
+            def body(gsum, x):
+                loss_j, m_j, g_j, _ = run(state.params, ref_params, x["tokens"], x["labels"],
+                                          jax.random.fold_in(key, x["j"]), aux,
+                                          uncond_B=x.get("uncond"))
+                return constrain(jax.tree_util.tree_map(jnp.add, gsum, g_j)), (loss_j, m_j)
+
+            g0 = constrain(jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            grads, (loss_j, ms) = jax.lax.scan(body, g0, xs)
+            loss = jnp.mean(loss_j)
+            metrics = _combine_metrics(ms)
+        if opts.accum_scale != 1.0:
+            grads = jax.tree_util.tree_map(lambda g: g * opts.accum_scale, grads)
+        grads = constrain(grads)
+        grad_norm = optim.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                               opt_state=keep(new_opt, state.opt_state), rng=state.rng)
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=schedules.lr(state.step),
+                       weight_decay=schedules.wd(state.step), finite=finite.astype(jnp.float32))
+        return new_state, metrics
+
+    return step
+
+
+# ================================================================================== the trainer
+
+def _replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def to_global(host_tree: Any, shardings: Any) -> Any:
+    """Host numpy pytree (the same full value on every process) -> global jax arrays."""
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree_util.tree_map(put, host_tree, shardings)
+
+
+class Trainer:
+    """Everything static about a run: family, mesh, optimizer, shardings and the jitted step."""
+
+    def __init__(self, config, *, total_steps: int, mesh=None, family: families.Family = None,
+                 devices=None):
+        self.config = config
+        self.family = family or families.from_config(config)
+        self.mesh = mesh or sharding.make_mesh(dict(config.mesh), devices=devices)
+        self.opts = StepOptions.from_config(config)
+        self.total_steps = int(total_steps)
+        self._check_batch()
+        boxed = self.family.abstract_params()
+        self.abstract_params = nn.meta.unbox(boxed)
+        self.param_shardings = sharding.boxed_shardings(boxed, self.mesh)
+        mask = self.family.decay_mask(self.abstract_params, config.optim.decay_rule)
+        self.tx, self.schedules = optim.make_optimizer(config.optim, decay_mask=mask,
+                                                       total_steps=self.total_steps)
+        repl = _replicated(self.mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+            transform_non_params=lambda _: repl)
+        self.state_shardings = TrainState(step=repl, params=self.param_shardings,
+                                          opt_state=opt_shardings, rng=repl)
+        self.ref_dtype = families.parse_dtype(config.train.reference_dtype,
+                                              "config.train.reference_dtype")
+        self.batch_shardings = {"tokens": sharding.batch_sharding(self.mesh, 2),
+                                "labels": sharding.batch_sharding(self.mesh, 1)}
+        step = make_train_step(self.family, self.tx, self.schedules, self.opts,
+                               param_shardings=self.param_shardings)
+
+        def jitted(state, ref_params, batch, aux):
+            with sharding.logical_rules():  # the caller traces under use_mesh (rules + mesh)
+                return step(state, ref_params, batch, aux)
+
+        self._step = jax.jit(jitted, out_shardings=(self.state_shardings, repl),
+                             donate_argnums=(0,))
+        self._jits: dict = {}  # init / reference programs, compiled once per Trainer
+
+    # ---- checks -----------------------------------------------------------------------------
+    def _check_batch(self):
+        B = int(self.config.train.global_batch_size)
+        A = self.opts.accum_steps
+        n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if B % (A * n):
+            raise ValueError(
+                f"config.train.global_batch_size={B} must be a multiple of grad_accum_steps ({A}) "
+                f"x batch shards (mesh data*fsdp = {n}); change the batch size, "
+                "config.optim.grad_accum_steps or config.mesh.")
+        if self.opts.negatives == "group_roll" and (B // A) % self.opts.roll_group:
+            raise ValueError(f"config.loss.roll_group={self.opts.roll_group} must divide the "
+                             f"micro-batch of {B // A} rows (global_batch_size / grad_accum_steps).")
+
+    # ---- state --------------------------------------------------------------------------------
+    def abstract_state(self) -> TrainState:
+        opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
+                          opt_state=opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+
+    def init_state(self, params=None, *, seed: int = 0, with_reference: bool = False):
+        """Fresh ``(state, reference)`` from ``params`` (global arrays or host numpy), or from the
+        official init with ``seed`` when ``params`` is None (one compiled program for both).
+
+        The reference is a separate copy in ``config.train.reference_dtype`` (None unless
+        ``with_reference``): the state is donated to the step, the reference never is.
+        """
+        if params is not None and not all(isinstance(x, jax.Array)
+                                           for x in jax.tree_util.tree_leaves(params)):
+            params = to_global(params, self.param_shardings)
+        key = ("init", with_reference)
+        if key not in self._jits:
+            dt = self.ref_dtype
+
+            def make(p, seed_):
+                if p is None:
+                    p = sharding.strip_boxes(self.family.init_boxed(jax.random.key(seed_)))
+                state = TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                   opt_state=self.tx.init(p),
+                                   rng=jax.random.PRNGKey(seed_ + 1))
+                ref = (jax.tree_util.tree_map(lambda x: jnp.array(x, dt, copy=True), p)
+                       if with_reference else None)
+                return state, ref
+
+            out_sh = (self.state_shardings, self.param_shardings if with_reference else None)
+            self._jits[key] = jax.jit(make, out_shardings=out_sh)
+        with sharding.use_mesh(self.mesh):
+            return self._jits[key](params, jnp.int32(seed))
+
+    def reference_params(self, params=None, *, seed: int = 0) -> Any:
+        """Only the reference copy: of host ``params``, or of the official init with ``seed``."""
+        dt = self.ref_dtype
+        if params is not None:
+            params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dt), params)
+            return to_global(params, self.param_shardings)
+        if "ref" not in self._jits:
+            def make(seed_):
+                p = sharding.strip_boxes(self.family.init_boxed(jax.random.key(seed_)))
+                return jax.tree_util.tree_map(lambda x: x.astype(dt), p)
+
+            self._jits["ref"] = jax.jit(make, out_shardings=self.param_shardings)
+        with sharding.use_mesh(self.mesh):
+            return self._jits["ref"](jnp.int32(seed))
+
+    def aux_global(self, aux) -> Any:
+        if aux is None:
+            return None
+        return to_global(jax.tree_util.tree_map(np.asarray, aux),
+                         jax.tree_util.tree_map(lambda _: _replicated(self.mesh), aux))
+
+    # ---- batches ------------------------------------------------------------------------------
+    def local_rows(self) -> np.ndarray:
+        return process_rows(self.mesh, int(self.config.train.global_batch_size))
+
+    def global_batch(self, local: dict) -> dict:
+        """Process-local numpy rows -> global arrays sharded over ``data × fsdp``."""
+        B = int(self.config.train.global_batch_size)
+        out = {}
+        for k, x in local.items():
+            x = np.asarray(x)
+            s = self.batch_shardings.get(k) or sharding.batch_sharding(self.mesh, x.ndim)
+            out[k] = jax.make_array_from_process_local_data(s, x, (B,) + x.shape[1:])
+        return out
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self, state: TrainState, ref_params, batch: dict, aux=None):
+        with sharding.use_mesh(self.mesh):
+            return self._step(state, ref_params, batch, aux)
+
+
+# ================================================================================== data sources
+
+def process_rows(mesh, global_batch: int) -> np.ndarray:
+    """Sorted indices of the global-batch rows this process feeds: those its devices hold under
+    the batch sharding (what ``jax.make_array_from_process_local_data`` expects, in order)."""
+    idx = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
+    rows = set()
+    for sl in idx.values():
+        rows.update(range(*sl[0].indices(global_batch)))
+    return np.asarray(sorted(rows), np.int64)
+
+
+class SyntheticData:
+    """Random tokens/labels for smoke runs (``config.data.source = "synthetic"``).
+
+    Batch ``k`` is a pure function of (seed, k), so the position is just ``k`` and any process
+    count yields the same global batches; each process returns only its ``rows``.
+    """
+
+    def __init__(self, *, global_batch: int, num_tokens: int, vocab_size: int, num_classes: int,
+                 seed: int, rows, size: int):
+        self.B, self.L, self.V, self.C = global_batch, num_tokens, vocab_size, num_classes
+        self.seed, self.rows, self.size, self.position = seed, rows, size, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        g = np.random.default_rng([self.seed, self.position])
+        labels = g.integers(0, self.C, size=(self.B,), dtype=np.int32)
+        # tokens correlated with the label so that a model can learn something
+        base = (labels[:, None] * 7 + np.arange(self.L)[None]) % self.V
+        noise = g.integers(0, self.V, size=(self.B, self.L))
+        keep = g.random((self.B, self.L)) < 0.5
+        tokens = np.where(keep, base, noise).astype(np.int32)
+        self.position += 1
+        return {"tokens": tokens[self.rows], "labels": labels[self.rows]}
+
+    def state(self) -> dict:
+        return {"source": "synthetic", "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        if state:
+            self.position = int(state.get("position", 0))
+
+
+def make_data(config, family: families.Family, mesh):
+    """The process-local batch iterator of ``config.data.source`` (``state()``/``restore()``)."""
+    src = config.data.source
+    rows = process_rows(mesh, int(config.train.global_batch_size))
+    if src == "synthetic":
+        return SyntheticData(global_batch=int(config.train.global_batch_size),
+                             num_tokens=family.num_tokens, vocab_size=family.vocab_size,
+                             num_classes=family.num_classes, seed=int(config.data.shuffle_seed),
+                             rows=rows, size=int(config.data.synthetic_size))
+    if src == "shards":
+        if not config.data.path:
+            raise ValueError("config.data.source='shards' needs config.data.path (the token shard "
+                             "directory written by the tokenize job), or use "
+                             "--config.data.source=synthetic for a smoke run.")
+        return _shard_reader(config, family, rows)
+    raise ValueError(f"config.data.source={src!r}; expected 'shards' or 'synthetic'.")
+
+
+def _shard_reader(config, family, rows):
+    """Adapter over cca_jax.data (the shard reader): process-local numpy batches."""
+    from cca_jax import data as data_lib
+
+    make = getattr(data_lib, "make_train_iterator", None)
+    if make is None:
+        raise NotImplementedError("cca_jax.data has no make_train_iterator(); the token-shard "
+                                  "reader is not available in this build.")
+    return make(config, family=family, rows=rows)
+
+
+def dataset_size(config, data) -> Optional[int]:
+    if hasattr(data, "size"):
+        return int(data.size)
+    if hasattr(data, "num_examples"):
+        return int(data.num_examples)
+    return None
+
+
+def resolve_num_steps(config, data) -> int:
+    n = int(config.train.num_steps)
+    if n > 0:
+        return n
+    size = dataset_size(config, data)
+    if not size:
+        raise ValueError("config.train.num_steps < 0 needs a dataset size; set train.num_steps.")
+    return max(1, int(math.floor(float(config.train.num_epochs) * size
+                                 / int(config.train.global_batch_size))))
+
+
+# ================================================================================ params sources
+
+def initial_params(config, family: families.Family):
+    """Host params the policy starts from (and the reference copies), or None = official init."""
+    path = config.init.reference_checkpoint
+    if path:
+        if not os.path.exists(path) and "://" not in path:
+            raise FileNotFoundError(f"config.init.reference_checkpoint={path!r} does not exist; "
+                                    "point it at the official .pt/.pth file or an Orbax params dir.")
+        return family.load_params(path)
+    if config.init.from_scratch or config.loss.type == "mle":
+        return None
+    if config.data.source == "synthetic":
+        logging.warning("No config.init.reference_checkpoint: synthetic smoke run from a random "
+                        "official init (policy = reference).")
+        return None
+    raise ValueError("CCA fine-tuning needs the pretrained model: set "
+                     "config.init.reference_checkpoint (official .pt/.pth or Orbax params dir), or "
+                     "config.init.from_scratch=True / config.loss.type='mle' to train from scratch.")
+
+
+# ====================================================================================== the loop
+
+def _host(x):
+    x = x if getattr(x, "is_fully_addressable", True) else x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+
+
+def _console_line(step, total, m, steps_per_sec):
+    keys = ("loss", "acc", "reward_margin", "chosen_reward", "rejected_reward", "sft_loss",
+            "grad_norm", "lr")
+    parts = [f"{k}={m[k]:.4g}" for k in keys if k in m]
+    return f"step {step}/{total} | " + " ".join(parts) + f" | {steps_per_sec:.2f} steps/s"
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer = None) -> dict:
+    """Trains per ``config`` in ``workdir`` (resuming its latest checkpoint); returns a summary
+    ``{"step", "history": [metrics per step], "state", "trainer", "ref_params"}``.
+
+    ``devices``: the devices of the mesh (default all). ``trainer``: reuse the compiled step of an
+    earlier call with the same config, devices and step count (tests, notebooks).
+    """
+    from clu import metric_writers, periodic_actions
+
+    from cca_jax import checkpoint as ckpt_lib
+    from cca_jax.preemption import PreemptionWatcher
+
+    family = trainer.family if trainer else families.from_config(config)
+    mesh = trainer.mesh if trainer else sharding.make_mesh(dict(config.mesh), devices=devices)
+    data = make_data(config, family, mesh)  # before the Trainer: the step count needs its size
+    total = resolve_num_steps(config, data)
+    if trainer is None:
+        trainer = Trainer(config, total_steps=total, mesh=mesh, family=family)
+    elif trainer.total_steps != total and _schedule_uses_total(config):
+        raise ValueError(f"trainer was built for {trainer.total_steps} steps, this run has {total} "
+                         "and its LR schedule depends on the run length.")
+    is_main = jax.process_index() == 0
+
+    host_params = initial_params(config, family)  # checks the inputs before writing anything
+    seed = int(config.seed)
+    ckpt = ckpt_lib.CheckpointManager.from_config(config, workdir)
+    abstract = trainer.abstract_state().to_tree()
+    restored = ckpt.restore_latest(abstract, trainer.state_shardings.to_tree())
+    need_ref = config.loss.type != "mle"
+    if restored is not None:
+        state = TrainState.from_tree(restored.state)
+        data.restore(restored.data_state)
+        ref_params = trainer.reference_params(host_params, seed=seed) if need_ref else None
+        logging.info("Resumed from step %d", restored.step)
+    else:
+        state, ref_params = trainer.init_state(host_params, seed=seed, with_reference=need_ref)
+    aux = trainer.aux_global(family.make_aux(config, jax.random.key(seed + 2)))
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    if is_main:
+        writer.write_hparams({k: v for k, v in _flat_config(config).items()
+                              if k.split(".")[0] in HPARAM_SECTIONS})
+    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+    eval_every = int(config.train.get("eval_every", 0))
+    eval_hook = make_eval_hook(config, workdir, trainer) if eval_every > 0 else None
+    first = int(_host(state.step))
+    tokens_per_step = int(config.train.global_batch_size) * family.num_tokens * (
+        1 if config.loss.type == "mle" else 2)
+    log_every = max(1, int(config.train.log_every))
+    history, pending, prev = [], [], None
+    t_last, steps_since = time.time(), 0
+    nonfinite_mode = config.train.nonfinite
+    if nonfinite_mode not in ("error", "skip"):
+        raise ValueError(f"config.train.nonfinite={nonfinite_mode!r}; expected 'error' or 'skip'.")
+
+    def check(step_metrics, step_no):
+        m = {k: float(_host(v)) for k, v in step_metrics.items()}
+        if m["finite"] < 1.0:
+            msg = (f"Non-finite loss or gradient at step {step_no} (loss={m['loss']}, "
+                   f"grad_norm={m['grad_norm']}); the update was not applied.")
+            if nonfinite_mode == "error":
+                raise FloatingPointError(msg + " Lower config.optim.lr / check the data, or set "
+                                         "config.train.nonfinite='skip' to skip such steps.")
+            logging.warning(msg + " Skipping (config.train.nonfinite='skip').")
+        m["step"] = step_no
+        history.append(m)
+        return m
+
+    with PreemptionWatcher() as preempt:
+        for step_no in range(first + 1, total + 1):
+            local = next(data)
+            batch = trainer.global_batch(local)
+            state, metrics = trainer.step(state, ref_params, batch, aux)
+            if prev is not None:  # one step behind, so the host never stalls the device
+                pending.append(check(*prev))
+            prev = (metrics, step_no)
+            report(step_no)
+            steps_since += 1
+            stop = preempt.reached(step_no)
+            if step_no % log_every == 0 or step_no == total or stop:
+                pending.append(check(*prev))
+                prev = None
+                dt = max(time.time() - t_last, 1e-9)
+                sps = steps_since / dt
+                scalars = _mean_metrics(pending)
+                scalars.update(steps_per_sec=sps, tokens_per_sec=sps * tokens_per_step)
+                if is_main:
+                    writer.write_scalars(step_no, scalars)
+                    logging.info("%s", _console_line(step_no, total, scalars, sps))
+                pending, t_last, steps_since = [], time.time(), 0
+            if eval_hook is not None and step_no % eval_every == 0:
+                ev = eval_hook(state.params, step_no)
+                if is_main:
+                    writer.write_scalars(step_no, ev)
+                    logging.info("step %d eval: %s", step_no,
+                                 " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+            ckpt.save(step_no, state.to_tree(), data_state=data.state(),
+                      force=stop or step_no == total)
+            if stop:
+                logging.info("Preemption notice: saved step %d and stopping.", step_no)
+                break
+        if prev is not None:
+            check(*prev)
+    ckpt.close()
+    writer.flush()
+    if hasattr(data, "close"):
+        data.close()
+    return {"step": int(_host(state.step)), "history": history, "state": state,
+            "trainer": trainer, "ref_params": ref_params}
+
+
+def make_eval_hook(config, workdir: str, trainer: Trainer) -> Callable:
+    """``hook(params, step) -> {'eval/<metric>': value}``: small-N FID (``config.eval.train_*``)
+    of images sampled from the current policy with the family's sampler and
+    ``config.sample`` settings, every ``config.train.eval_every`` steps (evaluate.py)."""
+    from cca_jax import evaluate
+    from cca_jax.sampling import job as sample_job
+
+    sampler = sample_job.make_sampler(config, workdir)  # the tokenizer decodes the samples
+    mesh = trainer.mesh
+    rows = int(config.sample.batch_size) * int(mesh.devices.size)
+    n_cls = int(sampler.num_classes)
+    with sharding.use_mesh(mesh):
+        tok = jax.device_put(sampler.tokenizer_params, _replicated(mesh))
+
+    def sample(params, tok_params, key):
+        labels = jax.random.randint(jax.random.fold_in(key, 7), (rows,), 0, n_cls)
+        return sampler.generate(params, tok_params, labels, key), labels
+
+    gen = jax.jit(sample, out_shardings=(sharding.batch_sharding(mesh, 4),
+                                         sharding.batch_sharding(mesh, 1)))
+
+    def sample_fn(params, key):
+        with sharding.use_mesh(mesh):
+            return gen(params, tok, key)
+
+    return evaluate.make_train_eval_hook(config, workdir, sample_fn, mesh=mesh)
+
+
+def _schedule_uses_total(config) -> bool:
+    """Whether the LR/WD schedule depends on the run length (see optim.make_schedules)."""
+    o = config.optim
+    wd_anneals = 0.0 <= float(o.weight_decay_end) != float(o.weight_decay)
+    varies = o.schedule != "constant" or wd_anneals
+    return varies and float(o.get("schedule_steps", -1.0)) <= 0
+
+
+def _mean_metrics(rows: list[dict]) -> dict:
+    out = {}
+    for k in rows[0] if rows else ():
+        if k == "step":
+            continue
+        vals = np.asarray([r[k] for r in rows], np.float64)
+        out[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+    return out
+
+
+def _flat_config(config) -> dict:
+    flat = {}
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(key + ".", v)
+            elif isinstance(v, (int, float, str, bool)):
+                flat[key] = v
+
+    walk("", config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    return flat
+
+
+def run(config, workdir: str) -> None:
+    """``job=train`` entry point (cca_jax/main.py)."""
+    train_and_evaluate(config, workdir)
