@@ -598,7 +598,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
         raise ValueError(f"config.train.nonfinite={nonfinite_mode!r}; expected 'error' or 'skip'.")
 
     def check(step_metrics, step_no):
-        m = {k: float(_host(v)) for k, v in step_metrics.items()}
+        local = {k: v if getattr(v, "is_fully_addressable", True) else v.addressable_data(0)
+                 for k, v in step_metrics.items()}
+        m = {k: float(v) for k, v in jax.device_get(local).items()}
         if m["finite"] < 1.0:
             msg = (f"Non-finite loss or gradient at step {step_no} (loss={m['loss']}, "
                    f"grad_norm={m['grad_norm']}); the update was not applied.")
@@ -610,45 +612,47 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
         history.append(m)
         return m
 
-    with PreemptionWatcher() as preempt:
-        for step_no in range(first + 1, total + 1):
-            local = next(data)
-            batch = trainer.global_batch(local)
-            state, metrics = trainer.step(state, ref_params, batch, aux)
-            if prev is not None:  # one step behind, so the host never stalls the device
-                pending.append(check(*prev))
-            prev = (metrics, step_no)
-            report(step_no)
-            steps_since += 1
-            stop = preempt.reached(step_no)
-            if step_no % log_every == 0 or step_no == total or stop:
-                pending.append(check(*prev))
-                prev = None
-                dt = max(time.time() - t_last, 1e-9)
-                sps = steps_since / dt
-                scalars = _mean_metrics(pending)
-                scalars.update(steps_per_sec=sps, tokens_per_sec=sps * tokens_per_step)
-                if is_main:
-                    writer.write_scalars(step_no, scalars)
-                    logging.info("%s", _console_line(step_no, total, scalars, sps))
-                pending, t_last, steps_since = [], time.time(), 0
-            if eval_hook is not None and step_no % eval_every == 0:
-                ev = eval_hook(state.params, step_no)
-                if is_main:
-                    writer.write_scalars(step_no, ev)
-                    logging.info("step %d eval: %s", step_no,
-                                 " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
-            ckpt.save(step_no, state.to_tree(), data_state=data.state(),
-                      force=stop or step_no == total)
-            if stop:
-                logging.info("Preemption notice: saved step %d and stopping.", step_no)
-                break
-        if prev is not None:
-            check(*prev)
-    ckpt.close()
-    writer.flush()
-    if hasattr(data, "close"):
-        data.close()
+    try:
+        with PreemptionWatcher() as preempt:
+            for step_no in range(first + 1, total + 1):
+                local = next(data)
+                batch = trainer.global_batch(local)
+                state, metrics = trainer.step(state, ref_params, batch, aux)
+                if prev is not None:  # one step behind, so the host never stalls the device
+                    pending.append(check(*prev))
+                prev = (metrics, step_no)
+                report(step_no)
+                steps_since += 1
+                stop = preempt.reached(step_no)
+                if step_no % log_every == 0 or step_no == total or stop:
+                    pending.append(check(*prev))
+                    prev = None
+                    dt = max(time.time() - t_last, 1e-9)
+                    sps = steps_since / dt
+                    scalars = _mean_metrics(pending)
+                    scalars.update(steps_per_sec=sps, tokens_per_sec=sps * tokens_per_step)
+                    if is_main:
+                        writer.write_scalars(step_no, scalars)
+                        logging.info("%s", _console_line(step_no, total, scalars, sps))
+                    pending, t_last, steps_since = [], time.time(), 0
+                if eval_hook is not None and step_no % eval_every == 0:
+                    ev = eval_hook(state.params, step_no)
+                    if is_main:
+                        writer.write_scalars(step_no, ev)
+                        logging.info("step %d eval: %s", step_no,
+                                     " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+                ckpt.save(step_no, state.to_tree(), data_state=data.state(),
+                          force=stop or step_no == total)
+                if stop:
+                    logging.info("Preemption notice: saved step %d and stopping.", step_no)
+                    break
+            if prev is not None:
+                check(*prev)
+    finally:  # also on errors: finish pending checkpoint writes, stop the data threads
+        ckpt.close()
+        writer.flush()
+        if hasattr(data, "close"):
+            data.close()
     return {"step": int(_host(state.step)), "history": history, "state": state,
             "trainer": trainer, "ref_params": ref_params}
 

@@ -29,7 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.lambda_ = 1000.0  # λ: weight of the negative-condition term (loss divided by max(λ, 1))
     c.loss.uncond_ratio = 0.1  # share of rows whose labels are both set to the null class
     c.loss.uncond_zero_form = "llamagen"  # uncond_ratio == 0 form: "llamagen" (linear) | "var" (sigmoid)
-    c.loss.negatives = "global_roll"  # global_roll (device-count invariant) | group_roll (official)
+    c.loss.negatives = "global_roll"  # roll labels by -1 over each micro-batch (global_roll: the
+    #   same pairing on any device count) | group_roll: within consecutive groups of roll_group rows
     c.loss.roll_group = 2  # group_roll: official per-GPU micro-batch the labels are rolled within
     c.loss.label_dropout = 0.1  # mle only: share of labels replaced by the null class
 
@@ -59,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.global_batch_size = 256  # images per optimizer step, over all hosts
     c.train.num_epochs = 1.0  # used when num_steps < 0
     c.train.num_steps = -1  # optimizer steps; < 0: num_epochs over the dataset
-    c.train.keep_dropout = True  # policy and reference keep dropout/drop path (official recipes)
+    c.train.keep_dropout = True  # policy and reference keep dropout/drop path, independent masks
+    #   (official recipes); False: every dropout/drop-path rate 0 (class-label dropout kept)
     c.train.compute_dtype = "float32"  # float32 | bfloat16 (fp32 master weights either way)
     c.train.reference_dtype = "float32"  # dtype the frozen reference is held in
     c.train.remat = False  # rematerialise transformer blocks to save activation memory
@@ -69,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50  # steps between metric writes
     c.train.ckpt_every = 1000  # steps between checkpoints (and one at the end)
     c.train.keep_checkpoints = 3  # how many checkpoints Orbax keeps
-    c.train.eval_every = 0  # steps between small-N FID evaluations during training (0: off)
+    c.train.eval_every = 0  # steps between small-N FID evaluations during training (0: off);
+    #   samples with config.sample, scores with config.eval.train_num_samples / train_metrics
 
     # --- device mesh (cca_jax/sharding.py) ------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
