@@ -55,3 +55,31 @@ def test_cached_attention_ignores_unwritten_slots():
     garbage = attention.KVCache(k=cache.k.at[:, 6:].set(1e3), v=cache.v.at[:, 6:].set(1e3))
     out = attention.attend(q, garbage.k, garbage.v, mask=attention.cached_mask(5, 1, 16, causal=True))
     np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, np.ones((1, 6), bool)), atol=1e-5)
+
+
+def test_level_blocks_cut_only_at_level_changes():
+    level = np.repeat(np.arange(5), [1, 4, 9, 16, 25])
+    assert attention.level_blocks(level) == ((0, 1), (1, 5), (5, 14), (14, 30), (30, 55))
+    assert attention.level_blocks(level, min_rows=10) == ((0, 14), (14, 30), (30, 55))
+    assert attention.level_blocks(level, min_rows=100) == ((0, 55),)
+    with np.testing.assert_raises(ValueError):
+        attention.level_blocks([0, 2, 1])
+
+
+def test_block_causal_equals_full_mask_values_and_grads():
+    level = np.repeat(np.arange(4), [1, 4, 9, 16])
+    L = len(level)
+    q, k, v, ct = (jax.random.normal(jax.random.key(i), (2, L, 4, 8)) for i in range(4))
+    mask = jnp.asarray(level[:, None] >= level[None, :])[None, None]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * ct)
+
+    full = loss(lambda q, k, v: attention.attend(q, k, v, mask=mask))
+    for rows in (1, 6, 64):
+        blocked = loss(lambda q, k, v: attention.attend_block_causal(q, k, v, level, min_rows=rows))
+        np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-5)
+        for g_b, g_f in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(full, (0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(g_b, g_f, rtol=1e-4, atol=1e-5)
+    with np.testing.assert_raises(ValueError):
+        attention.attend_block_causal(q, k, v, level[:-1])

@@ -104,3 +104,35 @@ def test_orbax_params_dir(tmp_path):
     _assert_sd_equal(convert.to_state_dict(convert.load_checkpoint(tmp_path / "params", cfg), cfg), sd)
     with pytest.raises(common.CheckpointMismatchError, match="output.weight"):
         convert.load_checkpoint(tmp_path / "params", dataclasses.replace(cfg, vocab_size=32))
+
+
+def test_gs_urls_are_read_and_written_through_epath(tmp_path, monkeypatch):
+    """gs:// checkpoints (files and Orbax dirs) never go through pathlib, which would turn
+    ``gs://b`` into ``gs:/b``: a fake bucket maps the URLs onto tmp_path."""
+    from etils import epath
+    from cca_jax import checkpoint
+
+    real_as_path = checkpoint.as_path
+    seen = []
+
+    def fake_as_path(path):
+        s = str(path)
+        if s.startswith("gs://"):
+            seen.append(s)
+            return epath.Path(tmp_path / "bucket" / s[len("gs://"):])
+        assert "gs:/" not in s, f"a gs:// URL was mangled into {s}"
+        return real_as_path(path)
+
+    monkeypatch.setattr(checkpoint, "as_path", fake_as_path)
+    cfg = lg.LlamaGenConfig(dim=32, n_layer=1, n_head=2, vocab_size=16, num_classes=4, block_size=4)
+    rng = np.random.default_rng(2)
+    sd = {k: rng.standard_normal(s).astype(np.float32)
+          for k, s in convert.expected_shapes(cfg).items()}
+    convert.save_official(convert.from_state_dict(sd, cfg), cfg, "gs://b/llamagen/c2i.pt")
+    assert (tmp_path / "bucket" / "b" / "llamagen" / "c2i.pt").is_file()
+    _assert_sd_equal(convert.to_state_dict(convert.load_checkpoint("gs://b/llamagen/c2i.pt", cfg), cfg), sd)
+    checkpoint.export_params(convert.from_state_dict(sd, cfg), "gs://b/llamagen/params")
+    _assert_sd_equal(convert.to_state_dict(convert.load_checkpoint("gs://b/llamagen/params", cfg), cfg), sd)
+    assert "gs://b/llamagen/params" in seen
+    with pytest.raises(FileNotFoundError, match="gs://b/missing.pt"):
+        convert.load_checkpoint("gs://b/missing.pt", cfg)

@@ -8,8 +8,8 @@ with errors that name the keys, and a writer for the official format.
 
 from __future__ import annotations
 
+import io
 import os
-import pathlib
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -30,10 +30,7 @@ def load_torch_file(path: str | os.PathLike) -> object:
     """
     import torch
 
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Checkpoint file {path} does not exist; check the config field "
-                                "that names it (e.g. config.init.reference_checkpoint).")
+    path = _readable(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - only reached for non-tensor pickled objects
@@ -58,7 +55,28 @@ def load_torch_file(path: str | os.PathLike) -> object:
         Unpickler = _SafeUnpickler
         load = staticmethod(lambda f, **kw: _SafeUnpickler(f, **kw).load())
 
+    if hasattr(path, "seek"):
+        path.seek(0)
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
+
+
+def is_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (local or ``gs://``) is a directory, i.e. an Orbax params export rather
+    than an official ``.pt``/``.pth`` file."""
+    from cca_jax import checkpoint as ckpt_lib
+
+    return ckpt_lib.as_path(path).is_dir()
+
+
+def _readable(path: str | os.PathLike):
+    """A local path, or the bytes of a remote file in memory (``torch.load`` reads file objects)."""
+    from cca_jax import checkpoint as ckpt_lib
+
+    p = ckpt_lib.as_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"Checkpoint file {os.fspath(path)} does not exist; check the config "
+                                "field that names it (e.g. config.init.reference_checkpoint).")
+    return io.BytesIO(p.read_bytes()) if ckpt_lib.is_remote(path) else os.fspath(p)
 
 
 def unwrap_state_dict(obj: object, wrapper_keys: Iterable[str] = WRAPPER_KEYS) -> dict:
@@ -132,5 +150,10 @@ def save_torch_file(sd: Mapping[str, np.ndarray], path: str | os.PathLike, *, wr
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v))) for k, v in sd.items()}
     obj = {wrap: tensors} if wrap else tensors
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path)
+    from cca_jax import checkpoint as ckpt_lib
+
+    buf = io.BytesIO()  # through epath, so gs:// destinations work like local ones
+    torch.save(obj, buf)
+    dest = ckpt_lib.as_path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(buf.getvalue())

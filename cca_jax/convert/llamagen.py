@@ -9,7 +9,6 @@ reproduces ``sd`` bit for bit. Spec: ../shared/spec/llamagen.md §7.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -96,19 +95,13 @@ def to_state_dict(params: Mapping[str, Any], cfg: LlamaGenConfig) -> dict[str, n
     return sd
 
 
-def _load_orbax_params(path: pathlib.Path) -> Any:
-    """Params from an Orbax checkpoint dir (via ``cca_jax.checkpoint`` when it offers a loader)."""
-    try:
-        from cca_jax import checkpoint as ckpt_lib  # owned by the checkpoint module
-    except ImportError:
-        ckpt_lib = None
-    for name in ("load_params", "restore_params"):
-        fn = getattr(ckpt_lib, name, None)
-        if fn is not None:
-            return fn(path)
-    import orbax.checkpoint as ocp
-    tree = ocp.StandardCheckpointer().restore(path.resolve())
-    return tree.get("params", tree) if isinstance(tree, Mapping) else tree
+def _load_orbax_params(path: str | os.PathLike) -> Any:
+    """Params from an Orbax params directory (local or gs://, ``checkpoint.export_params``)."""
+    from cca_jax import checkpoint as ckpt_lib
+
+    tree = ckpt_lib.load_params(os.fspath(path))
+    return tree["params"] if isinstance(tree, Mapping) and "params" in tree and \
+        "tok_embeddings" not in tree else tree
 
 
 def _check_params(params: Any, cfg: LlamaGenConfig, what: str) -> dict:
@@ -124,9 +117,8 @@ def _check_params(params: Any, cfg: LlamaGenConfig, what: str) -> dict:
 def load_checkpoint(path: str | os.PathLike, cfg: LlamaGenConfig) -> dict:
     """Params from an official ``.pt``/``.pth`` file (``{"model": sd}``, ``{"module"|"state_dict": sd}``
     or a bare FSDP state dict; loaded without executing pickled code) or an Orbax params dir."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        return _check_params(_load_orbax_params(path), cfg, f"Orbax checkpoint {path}")
+    if common.is_directory(path):
+        return _check_params(_load_orbax_params(path), cfg, f"Orbax checkpoint {os.fspath(path)}")
     return from_state_dict(common.load_official_state_dict(path), cfg)
 
 

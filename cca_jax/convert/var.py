@@ -22,13 +22,12 @@ shift2 in order).
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from cca_jax.convert.common import (CheckpointMismatchError, check_state_dict,
+from cca_jax.convert.common import (CheckpointMismatchError, check_state_dict, is_directory,
                                     load_official_state_dict)
 from cca_jax.models.var import VARConfig, abstract_params
 
@@ -205,7 +204,7 @@ def load_checkpoint(path: str | os.PathLike, cfg: VARConfig) -> dict[str, Any]:
     """An official ``.pth`` file (bare or wrapped state dict, read without executing pickled code)
     or an Orbax params directory (``cca_jax.checkpoint.export_params``, local or gs://) -> params."""
     spath = os.fspath(path)
-    if spath.startswith("gs://") or pathlib.Path(spath).is_dir():
+    if is_directory(spath):
         from cca_jax import checkpoint as ckpt_lib
 
         tree = ckpt_lib.load_params(spath)

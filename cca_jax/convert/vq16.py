@@ -104,7 +104,7 @@ def load_checkpoint(path: str | os.PathLike, cfg: vq16.VQ16Config) -> dict:
     (``cca_jax.checkpoint.export_params`` / the convert job); both are checked against ``cfg``."""
     from cca_jax import checkpoint as ckpt_lib
     spath = os.fspath(path)
-    if spath.startswith("gs://") or os.path.isdir(spath):
+    if common.is_directory(spath):
         tree = ckpt_lib.load_params(spath)
         tree = tree.get("params", tree) if isinstance(tree, Mapping) and "params" in tree else tree
         return from_state_dict(to_state_dict(tree, cfg), cfg)  # validates the tree

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import re
 from typing import Any, Mapping
 
@@ -138,7 +137,7 @@ def load_checkpoint(path: str | os.PathLike, cfg: vqvae.VQVAEConfig) -> dict:
     """Params from the official file (bare state dict, read without executing pickled code) or
     from an Orbax params directory (``cca_jax.checkpoint.export_params`` / the convert job)."""
     spath = os.fspath(path)
-    if spath.startswith("gs://") or pathlib.Path(spath).is_dir():
+    if common.is_directory(spath):
         from cca_jax import checkpoint as ckpt_lib
         tree = ckpt_lib.load_params(spath)
         if isinstance(tree, Mapping) and "params" in tree and "encoder" not in tree:

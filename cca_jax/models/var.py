@@ -53,10 +53,13 @@ import numpy as np
 from flax import linen as nn
 
 from cca_jax.models import layers
-from cca_jax.models.attention import KVCache, attend
+from cca_jax.models.attention import KVCache, attend, attend_block_causal
 
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MAX_SCALE_MUL = math.log(100.0)  # attn_l2_norm: per-head logit multiplier clamped at 100
+# teacher forcing attends by query blocks of whole scales, merged up to this many rows: tiny
+# scales alone would only add ops (bench/attention.py: 64 rows ~ per-scale speed, 5 blocks at L=680)
+ATTN_BLOCK_ROWS = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,13 +308,14 @@ class AdaLinear(nn.Module):
 
 class SelfAttention(nn.Module):
     """VAR ``SelfAttention``: q/v biases, zero k bias, optional L2-normalised q/k with a clamped
-    learnable per-head scale; block-causal mask (training) or a KV cache (decoding)."""
+    learnable per-head scale; block-causal by scale (teacher forcing: ``level_L`` is the static
+    ``[L]`` scale index of each token) or over a KV cache (decoding)."""
 
     cfg: VARConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BLC: jax.Array, mask: Optional[jax.Array], train: bool,
+    def __call__(self, x_BLC: jax.Array, level_L: Optional[np.ndarray], train: bool,
                  cache_start: Optional[int] = None, cache: Optional[KVCache] = None):
         cfg, C, H, D = self.cfg, self.cfg.C, self.cfg.num_heads, self.cfg.head_dim
         qkv_init = _part(_trunc_normal(cfg.std), ("embed", "heads", "kv"))
@@ -337,18 +341,19 @@ class SelfAttention(nn.Module):
         else:
             scale = 0.25 / math.sqrt(D)
 
+        deterministic = not train or cfg.attn_drop_rate == 0.0
+        drop = dict(dropout_rate=cfg.attn_drop_rate, deterministic=deterministic,
+                    dropout_rng=None if deterministic else self.make_rng("dropout"))
         new_cache = None
         if cache is not None:  # decoding: this scale's keys join the earlier scales' in the cache
             l = x_BLC.shape[1]
             new_cache = cache.update(k, v, cache_start)
             k = new_cache.k[:, : cache_start + l].astype(self.dtype)
             v = new_cache.v[:, : cache_start + l].astype(self.dtype)
-            mask = None  # every cached key (scales <= this one) is visible, as the official decoder
-        deterministic = not train or cfg.attn_drop_rate == 0.0
-        out = attend(q, k, v, mask=None if mask is None else mask[None, None], scale=scale,
-                     dropout_rate=cfg.attn_drop_rate,
-                     dropout_rng=None if deterministic else self.make_rng("dropout"),
-                     deterministic=deterministic)
+            # every cached key (scales <= this one) is visible, as the official decoder
+            out = attend(q, k, v, scale=scale, **drop)
+        else:  # skips the masked 38 % of the [L, L] scores (bench/attention.py)
+            out = attend_block_causal(q, k, v, level_L, min_rows=ATTN_BLOCK_ROWS, scale=scale, **drop)
         out = HeadsDense((C,), _part(_trunc_normal(cfg.std, 1.0 / math.sqrt(2 * cfg.depth)),
                                      ("heads", "kv", "embed")),
                          in_axes=2, bias_init=_part(_zeros, ("norm",)), dtype=self.dtype,
@@ -400,12 +405,9 @@ class AdaLNSelfAttn(nn.Module):
         mod = mod[:, :, None, :]  # [B, 6, 1, C]: broadcast over tokens
         g1, g2, s1, s2, b1, b2 = (mod[:, i] for i in range(6))
 
-        mask = None
-        if cache is None:  # teacher forcing: block-causal by scale, built from the [L] level ids
-            lvl = jnp.asarray(cfg.lvl_1L()[: x_BLC.shape[1]], jnp.int32)
-            mask = lvl[:, None] >= lvl[None, :]
+        level_L = cfg.lvl_1L()[: x_BLC.shape[1]] if cache is None else None  # teacher forcing
         h = (layer_norm(x_BLC, cfg.norm_eps) * (1 + s1) + b1).astype(self.dtype)
-        h, cache = SelfAttention(cfg, self.dtype, name="attn")(h, mask, train, cache_start, cache)
+        h, cache = SelfAttention(cfg, self.dtype, name="attn")(h, level_L, train, cache_start, cache)
         # timm per-sample stochastic depth on each branch (independent draws), train mode only
         x_BLC = x_BLC + layers.DropPath(self.drop_path_rate)(h * g1, deterministic=not train)
 
