@@ -146,3 +146,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.convert.wrap = "auto"  # to_official: "auto" (the family's official layout), "none" (bare state dict), or a key
     c.convert.overwrite = False  # replace existing outputs instead of stopping with an error
     return c
+
+
+def demo_pretrain_recipe(c: ml_collections.ConfigDict, *, decay_rule: str, grad_clip: float,
+                         data_path: str) -> ml_collections.ConfigDict:
+    """The demo reference models' maximum-likelihood pretraining (both families): 10 % label
+    dropout, AdamW 2e-3 with linear warm-up then decay, 500 steps of 64 (~18 epochs of the digits)."""
+    c.loss.type = "mle"
+    c.loss.label_dropout = 0.1
+
+    c.optim.lr = 2e-3
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.05
+    c.optim.decay_rule = decay_rule
+    c.optim.schedule = "var_lin0"  # linear warm-up, then linear decay to end_ratio
+    c.optim.warmup_steps = 50.0
+    c.optim.warmup_start = 0.01
+    c.optim.end_ratio = 0.05
+    c.optim.grad_clip = grad_clip
+
+    c.train.global_batch_size = 64
+    c.train.num_steps = 500
+    c.train.keep_dropout = True
+    c.train.compute_dtype = "float32"
+    c.train.log_every = 100
+    c.train.ckpt_every = 250
+    c.train.keep_checkpoints = 1
+    c.train.token_metrics = True
+
+    c.data.source = "shards"
+    c.data.path = data_path
+    c.data.prefetch = 2
+    return c

@@ -19,7 +19,7 @@ import os
 
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, demo_pretrain_recipe
 
 DEFAULT_DATA = "runs/demo/data/var"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -84,30 +84,4 @@ def get_config(arg=None):
     c.init.from_scratch = True
     c.init.tokenizer_checkpoint = os.path.join(ASSETS, "vqvae")
 
-    c.loss.type = "mle"
-    c.loss.label_dropout = 0.1
-
-    c.optim.lr = 2e-3
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.weight_decay = 0.05
-    c.optim.decay_rule = "var"
-    c.optim.schedule = "var_lin0"
-    c.optim.warmup_steps = 50.0
-    c.optim.warmup_start = 0.01
-    c.optim.end_ratio = 0.05
-    c.optim.grad_clip = 2.0
-
-    c.train.global_batch_size = 64
-    c.train.num_steps = 500  # ~ 18 epochs of the 1,797 digits
-    c.train.keep_dropout = True
-    c.train.compute_dtype = "float32"
-    c.train.log_every = 100
-    c.train.ckpt_every = 250
-    c.train.keep_checkpoints = 1
-    c.train.token_metrics = True
-
-    c.data.source = "shards"
-    c.data.path = arg or DEFAULT_DATA
-    c.data.prefetch = 2
-    return c
+    return demo_pretrain_recipe(c, decay_rule="var", grad_clip=2.0, data_path=arg or DEFAULT_DATA)

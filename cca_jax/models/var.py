@@ -54,6 +54,7 @@ from flax import linen as nn
 
 from cca_jax.models import layers
 from cca_jax.models.attention import KVCache, attend, attend_block_causal
+from cca_jax.models.vqvae import scale_ranges
 
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MAX_SCALE_MUL = math.log(100.0)  # attn_l2_norm: per-head logit multiplier clamped at 100
@@ -127,11 +128,7 @@ class VARConfig:
 
     @property
     def begin_ends(self) -> tuple[tuple[int, int], ...]:
-        out, cur = [], 0
-        for p in self.patch_nums:
-            out.append((cur, cur + p * p))
-            cur += p * p
-        return tuple(out)
+        return scale_ranges(self.patch_nums)
 
     @property
     def std(self) -> float:

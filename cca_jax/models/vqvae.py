@@ -66,6 +66,12 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 # ----------------------------------------------------------------------------------- config
 
+def scale_ranges(patch_nums: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Token range ``[begin, end)`` of each scale in the concatenated ``[B, L]`` sequence."""
+    ends = np.cumsum([p * p for p in patch_nums]).tolist()
+    return tuple(zip([0] + ends[:-1], ends))
+
+
 @dataclasses.dataclass(frozen=True)
 class VQVAEConfig:
     """Hyper-parameters; names follow the official ``VQVAE.__init__`` (``z_channels`` = Cvae,
@@ -147,12 +153,7 @@ class VQVAEConfig:
 
     @property
     def begin_ends(self) -> tuple[tuple[int, int], ...]:
-        """Token range ``[begin, end)`` of each scale in the concatenated ``[B, L]`` sequence."""
-        out, cur = [], 0
-        for p in self.patch_nums:
-            out.append((cur, cur + p * p))
-            cur += p * p
-        return tuple(out)
+        return scale_ranges(self.patch_nums)
 
     @property
     def phi_ratio(self) -> float:
