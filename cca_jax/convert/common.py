@@ -12,7 +12,10 @@ import io
 import os
 from typing import Iterable, Mapping
 
+import ml_dtypes
 import numpy as np
+
+from cca_jax.convert import torch_zip
 
 WRAPPER_KEYS = ("model", "module", "state_dict", "trainer")
 
@@ -22,15 +25,27 @@ class CheckpointMismatchError(ValueError):
 
 
 def load_torch_file(path: str | os.PathLike) -> object:
-    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, no code.
+    """The object an official ``.pt``/``.pth`` file holds, read without executing anything in it.
 
-    Files that pickle other objects (e.g. an argparse ``Namespace`` under ``"args"``) are read
-    with an unpickler that maps every unknown class to an inert placeholder, so the state dict is
-    still recovered without running anything from the file.
+    Zip-format files (``torch.save`` since PyTorch 1.6: every official release) are read by
+    :mod:`torch_zip` without PyTorch (tensors come back as numpy arrays). Legacy files need torch:
+    ``torch.load(weights_only=True)``, or, when the file pickles other objects (e.g. an argparse
+    ``Namespace`` under ``"args"``), an unpickler that maps every unknown class to an inert
+    placeholder, so the state dict is still recovered without running anything from the file.
     """
-    import torch
-
     path = _readable(path)
+    try:
+        return torch_zip.load(path)
+    except torch_zip.UnsupportedTorchFile as e:
+        reason = e
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(f"{path} is not a zip-format PyTorch file ({reason}); reading it needs "
+                           "PyTorch (pip install torch; the CPU build is enough), or re-save it "
+                           "with torch >= 1.6.") from None
+    if hasattr(path, "seek"):
+        path.seek(0)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - only reached for non-tensor pickled objects
@@ -107,7 +122,7 @@ def to_numpy_state_dict(sd: Mapping) -> dict[str, np.ndarray]:
                 v = v.float()
             v = v.numpy()
         v = np.asarray(v)
-        if np.issubdtype(v.dtype, np.floating):
+        if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16:
             v = v.astype(np.float32)
         out[k] = v
     return out
@@ -146,7 +161,11 @@ def check_state_dict(sd: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
 
 def save_torch_file(sd: Mapping[str, np.ndarray], path: str | os.PathLike, *, wrap: str | None = None) -> None:
     """Writes ``sd`` as an official-format file (float32 tensors), optionally wrapped in ``{wrap: sd}``."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("Writing official PyTorch files needs PyTorch: pip install torch (the "
+                           "CPU build is enough; see requirements-dev.txt).") from None
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v))) for k, v in sd.items()}
     obj = {wrap: tensors} if wrap else tensors
