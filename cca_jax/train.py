@@ -544,7 +544,8 @@ def _console_line(step, total, m, steps_per_sec):
 
 def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer = None) -> dict:
     """Trains per ``config`` in ``workdir`` (resuming its latest checkpoint); returns a summary
-    ``{"step", "history": [metrics per step], "state", "trainer", "ref_params"}``.
+    ``{"step", "history": [metrics per step], "evals": [{"step", "eval/<metric>"} per in-training
+    evaluation], "state", "trainer", "ref_params"}``.
 
     ``devices``: the devices of the mesh (default all). ``trainer``: reuse the compiled step of an
     earlier call with the same config, devices and step count (tests, notebooks).
@@ -591,7 +592,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
     tokens_per_step = int(config.train.global_batch_size) * family.num_tokens * (
         1 if config.loss.type == "mle" else 2)
     log_every = max(1, int(config.train.log_every))
-    history, pending, prev = [], [], None
+    history, evals, pending, prev = [], [], [], None
     t_last, steps_since = time.time(), 0
     nonfinite_mode = config.train.nonfinite
     if nonfinite_mode not in ("error", "skip"):
@@ -637,6 +638,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
                     pending, t_last, steps_since = [], time.time(), 0
                 if eval_hook is not None and step_no % eval_every == 0:
                     ev = eval_hook(state.params, step_no)
+                    evals.append({"step": step_no, **ev})
                     if is_main:
                         writer.write_scalars(step_no, ev)
                         logging.info("step %d eval: %s", step_no,
@@ -653,7 +655,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
         writer.flush()
         if hasattr(data, "close"):
             data.close()
-    return {"step": int(_host(state.step)), "history": history, "state": state,
+    return {"step": int(_host(state.step)), "history": history, "evals": evals, "state": state,
             "trainer": trainer, "ref_params": ref_params}
 
 
@@ -664,7 +666,8 @@ def make_eval_hook(config, workdir: str, trainer: Trainer) -> Callable:
     from cca_jax import evaluate
     from cca_jax.sampling import job as sample_job
 
-    sampler = sample_job.make_sampler(config, workdir)  # the tokenizer decodes the samples
+    # only the tokenizer and the sampling function: the params are the policy's at each eval
+    sampler = sample_job.make_sampler(config, workdir, with_params=False)
     mesh = trainer.mesh
     rows = int(config.sample.batch_size) * int(mesh.devices.size)
     n_cls = int(sampler.num_classes)

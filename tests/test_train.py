@@ -495,3 +495,44 @@ def test_periodic_eval_hook_is_called(sum_trainer, tmp_path, monkeypatch):
     cfg.train.eval_every = 1
     out = train.train_and_evaluate(cfg, str(tmp_path), trainer=tr)
     assert out["step"] == 2 and calls == [1, 2]
+
+
+def test_in_training_fid_samples_the_policy_from_scratch(tmp_path, monkeypatch):
+    """train.eval_every through the real hook: the family's sampler + tokenizer decode + metrics,
+    on a run with no reference and no checkpoint yet (the hook must not load model params)."""
+    from cca_jax import checkpoint, evaluate
+    from cca_jax.models import vq16
+
+    c = tiny_config(num_steps=2, fsdp=-1)  # every device: the samples are sharded too
+    c.model.update(dict(block_size=4, vocab_size=16))  # 2x2 code grid
+    c.loss.update(dict(type="mle", label_dropout=0.1))
+    c.optim.grad_accum_steps = 1
+    c.init.from_scratch = True
+    c.tokenizer = vq16.default_config(codebook_size=16, codebook_embed_dim=4, z_channels=8,
+                                      encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], ch=8,
+                                      num_res_blocks=1, norm_groups=4, codebook_show_usage=False)
+    tok = vq16.init_params(vq16.VQ16Config.from_config(c.tokenizer), jax.random.key(2))
+    checkpoint.export_params(tok, tmp_path / "tok")
+    c.init.tokenizer_checkpoint = str(tmp_path / "tok")
+    c.sample.update(dict(batch_size=1, image_size_eval=0, cfg_scale=1.0))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8))
+    c.eval.update(dict(reference_npz=str(tmp_path / "ref.npz"), train_num_samples=6, batch_size=6,
+                       train_metrics="fid"))
+    c.train.eval_every = 1
+    seen = []
+
+    def toy_net(config):
+        def features(params, x):  # [B, H, W, 3] uint8 -> 5 features per image
+            seen.append(tuple(x.shape[1:]))  # traced under jit: the static shape
+            x = jnp.asarray(x, jnp.float32) / 255.0
+            return jnp.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[..., 0].mean((1, 2)),
+                              x[:, :2].mean((1, 2, 3)), x[:, :, :2].mean((1, 2, 3))], -1)
+        return evaluate.FeatureNet(features, name="toy")
+
+    monkeypatch.setattr(evaluate, "feature_net_from_config", toy_net)
+    out = train.train_and_evaluate(c, str(tmp_path / "run"))
+    fids = [e["eval/fid"] for e in out["evals"]]
+    assert [e["step"] for e in out["evals"]] == [1, 2]
+    assert out["step"] == 2 and len(fids) == 2 and all(np.isfinite(f) and f > 0 for f in fids)
+    assert seen and set(seen) == {(4, 4, 3)}  # the decoded 4x4 RGB samples were scored

@@ -68,7 +68,8 @@ def _tokenizer_path(config) -> str:
     return path
 
 
-def llamagen_sampler(config, workdir: str, tokenizer_params=None) -> ImageSampler:
+def llamagen_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bool = True
+                     ) -> ImageSampler:
     from cca_jax import resample
     from cca_jax.convert import vq16 as vq16_conv
     from cca_jax.models import vq16
@@ -92,11 +93,12 @@ def llamagen_sampler(config, workdir: str, tokenizer_params=None) -> ImageSample
             return resample.llamagen_eval_uint8(img, None)
         return resample.llamagen_eval_uint8(img, eval_size)
 
-    return ImageSampler(generate, load_model_params(config, workdir, family), tokenizer_params,
-                        cfg.num_classes, family.abstract_params())
+    params = load_model_params(config, workdir, family) if with_params else None
+    return ImageSampler(generate, params, tokenizer_params, cfg.num_classes, family.abstract_params())
 
 
-def var_sampler(config, workdir: str, tokenizer_params=None) -> ImageSampler:
+def var_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bool = True
+                ) -> ImageSampler:
     from cca_jax.convert import vqvae as vq_conv
     from cca_jax.models import vqvae
     from cca_jax.sampling import var as vs
@@ -112,18 +114,22 @@ def var_sampler(config, workdir: str, tokenizer_params=None) -> ImageSampler:
         # official: x·255 then a truncating cast (utils/misc + VAR_sample.py)
         return jnp.clip(img * 255.0, 0.0, 255.0).astype(jnp.uint8)
 
-    return ImageSampler(generate, load_model_params(config, workdir, family), tokenizer_params,
-                        family.num_classes, family.abstract_params())
+    params = load_model_params(config, workdir, family) if with_params else None
+    return ImageSampler(generate, params, tokenizer_params, family.num_classes,
+                        family.abstract_params())
 
 
 SAMPLERS = {"llamagen": llamagen_sampler, "var": var_sampler}
 
 
-def make_sampler(config, workdir: str, tokenizer_params=None) -> ImageSampler:
+def make_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bool = True
+                 ) -> ImageSampler:
+    """The family's image sampler; ``with_params=False`` skips loading model params (callers that
+    bring their own, like the in-training evaluation, which samples the current policy)."""
     fam = config.model.get("family", "")
     if fam not in SAMPLERS:
         raise ValueError(f"config.model.family={fam!r}; expected one of {sorted(SAMPLERS)}.")
-    return SAMPLERS[fam](config, workdir, tokenizer_params)
+    return SAMPLERS[fam](config, workdir, tokenizer_params, with_params=with_params)
 
 
 # ------------------------------------------------------------------------------------ labels
