@@ -271,7 +271,7 @@ def test_synthetic_source_and_train_entry_point(dataset):
     a = reader.make_dataset(cfg, process_index=0, process_count=2, global_batch_size=8)
     b = reader.make_dataset(cfg, process_index=1, process_count=2, global_batch_size=8)
     x, y = next(a), next(b)
-    assert x["tokens"].shape == (4, 14) and x["tokens"].max() < 64 and x["labels"].max() < 10
+    assert x["tokens"].shape == y["tokens"].shape == (4, 14) and x["tokens"].max() < 64 and x["labels"].max() < 10
     assert a.epoch_size == 20
     st = a.get_state()
     x2 = next(a)

@@ -60,7 +60,7 @@ def test_guidance_free_runs_no_doubled_batch():
         text = str(jax.make_jaxpr(fn)(params, labels, jax.random.key(0)))
         assert f"f32[{batch},{cfg.kv_heads},{S},{cfg.head_dim}]" in text
         if batch == 3:
-            assert f"f32[6," not in text
+            assert "f32[6," not in text
     no_null = dataclasses.replace(cfg, class_dropout_prob=0.0)
     with pytest.raises(ValueError, match="cfg_scale"):
         sampler.generate_fn(no_null, sampler.SampleOptions(cfg_scale=2.0))

@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cca_jax import families, train
 from configs.common import base_config

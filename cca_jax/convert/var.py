@@ -149,7 +149,7 @@ def from_state_dict(sd: Mapping[str, np.ndarray], cfg: VARConfig) -> dict[str, A
 def to_state_dict(params: Mapping[str, Any], cfg: VARConfig) -> dict[str, np.ndarray]:
     """Flax params -> the exact official key set (buffers included), torch layout, float32."""
     p = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32), dict(params))
-    C, H, D = cfg.C, cfg.num_heads, cfg.head_dim
+    C, H = cfg.C, cfg.num_heads
 
     def dense(prefix, d):
         return {prefix + ".weight": np.ascontiguousarray(d["kernel"].T), prefix + ".bias": d["bias"]}
