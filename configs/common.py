@@ -148,10 +148,18 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def demo_pretrain_recipe(c: ml_collections.ConfigDict, *, decay_rule: str, grad_clip: float,
-                         data_path: str) -> ml_collections.ConfigDict:
-    """The demo reference models' maximum-likelihood pretraining (both families): 10 % label
-    dropout, AdamW 2e-3 with linear warm-up then decay, 500 steps of 64 (~18 epochs of the digits)."""
+def demo_pretrain_config(model: ml_collections.ConfigDict, tokenizer: ml_collections.ConfigDict, *,
+                         decay_rule: str, grad_clip: float, data_path: str) -> ml_collections.ConfigDict:
+    """The demo reference models' maximum-likelihood pretraining from scratch (both families): 10 %
+    label dropout, AdamW 2e-3 with linear warm-up then decay, 500 steps of 64 (~18 epochs of the
+    digits)."""
+    c = base_config()
+    c.job = "train"
+    c.seed = 0
+    c.model = model
+    c.tokenizer = tokenizer
+    c.init.from_scratch = True
+
     c.loss.type = "mle"
     c.loss.label_dropout = 0.1
 

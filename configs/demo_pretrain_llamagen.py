@@ -17,7 +17,7 @@ or by hand, after ``make demo`` wrote the shards (``runs/demo/data/llamagen``):
 
 import ml_collections
 
-from configs.common import base_config, demo_pretrain_recipe
+from configs.common import demo_pretrain_config
 
 DEFAULT_DATA = "runs/demo/data/llamagen"
 
@@ -60,11 +60,6 @@ def tokenizer_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.job = "train"
-    c.seed = 0
-    c.model = model_config()
-    c.tokenizer = tokenizer_config()
-    c.init.from_scratch = True
-
-    return demo_pretrain_recipe(c, decay_rule="ndim", grad_clip=1.0, data_path=arg or DEFAULT_DATA)
+    c = demo_pretrain_config(model_config(), tokenizer_config(), decay_rule="ndim", grad_clip=1.0,
+                             data_path=arg or DEFAULT_DATA)
+    return c

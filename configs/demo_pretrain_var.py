@@ -19,7 +19,7 @@ import os
 
 import ml_collections
 
-from configs.common import base_config, demo_pretrain_recipe
+from configs.common import demo_pretrain_config
 
 DEFAULT_DATA = "runs/demo/data/var"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -76,12 +76,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.job = "train"
-    c.seed = 0
-    c.model = model_config()
-    c.tokenizer = tokenizer_config()
-    c.init.from_scratch = True
+    c = demo_pretrain_config(model_config(), tokenizer_config(), decay_rule="var", grad_clip=2.0,
+                             data_path=arg or DEFAULT_DATA)
     c.init.tokenizer_checkpoint = os.path.join(ASSETS, "vqvae")
-
-    return demo_pretrain_recipe(c, decay_rule="var", grad_clip=2.0, data_path=arg or DEFAULT_DATA)
+    return c

@@ -54,7 +54,7 @@ from flax import linen as nn
 
 from cca_jax.models import layers
 from cca_jax.models.attention import KVCache, attend, attend_block_causal
-from cca_jax.models.vqvae import scale_ranges
+from cca_jax.models.vqvae import ScaleSchedule
 
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MAX_SCALE_MUL = math.log(100.0)  # attn_l2_norm: per-head logit multiplier clamped at 100
@@ -68,7 +68,7 @@ ATTN_BLOCK_ROWS = 64
 # --------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class VARConfig:
+class VARConfig(ScaleSchedule):
     """Hyper-parameters of the official ``VAR`` constructor plus ``init_weights``' arguments."""
 
     depth: int = 16
@@ -117,18 +117,6 @@ class VARConfig:
     @property
     def num_scales(self) -> int:
         return len(self.patch_nums)
-
-    @property
-    def L(self) -> int:
-        return int(sum(p * p for p in self.patch_nums))
-
-    @property
-    def first_l(self) -> int:
-        return self.patch_nums[0] ** 2
-
-    @property
-    def begin_ends(self) -> tuple[tuple[int, int], ...]:
-        return scale_ranges(self.patch_nums)
 
     @property
     def std(self) -> float:

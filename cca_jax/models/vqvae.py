@@ -66,14 +66,29 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 # ----------------------------------------------------------------------------------- config
 
-def scale_ranges(patch_nums: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """Token range ``[begin, end)`` of each scale in the concatenated ``[B, L]`` sequence."""
-    ends = np.cumsum([p * p for p in patch_nums]).tolist()
-    return tuple(zip([0] + ends[:-1], ends))
+class ScaleSchedule:
+    """Token layout of a next-scale sequence, for configs with a ``patch_nums`` field (the VQVAE's
+    and VAR's): scale ``k`` is a ``patch_nums[k]²`` token map, all concatenated into ``[B, L]``."""
+
+    patch_nums: tuple[int, ...]
+
+    @property
+    def L(self) -> int:
+        return int(sum(p * p for p in self.patch_nums))
+
+    @property
+    def first_l(self) -> int:
+        return self.patch_nums[0] ** 2
+
+    @property
+    def begin_ends(self) -> tuple[tuple[int, int], ...]:
+        """Token range ``[begin, end)`` of each scale in the concatenated sequence."""
+        ends = np.cumsum([p * p for p in self.patch_nums]).tolist()
+        return tuple(zip([0] + ends[:-1], ends))
 
 
 @dataclasses.dataclass(frozen=True)
-class VQVAEConfig:
+class VQVAEConfig(ScaleSchedule):
     """Hyper-parameters; names follow the official ``VQVAE.__init__`` (``z_channels`` = Cvae,
     ``patch_nums`` = ``v_patch_nums``) plus the ``Encoder``/``Decoder`` layout the official class
     hard-codes (``ch_mult``, ``num_res_blocks``, ``using_sa``, ``using_mid_sa``)."""
@@ -142,18 +157,6 @@ class VQVAEConfig:
     @property
     def num_scales(self) -> int:
         return len(self.patch_nums)
-
-    @property
-    def L(self) -> int:
-        return sum(p * p for p in self.patch_nums)
-
-    @property
-    def first_l(self) -> int:
-        return self.patch_nums[0] ** 2
-
-    @property
-    def begin_ends(self) -> tuple[tuple[int, int], ...]:
-        return scale_ranges(self.patch_nums)
 
     @property
     def phi_ratio(self) -> float:
