@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from cca_jax.models import matmul
+
 
 def attend(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
            mask: Optional[jax.Array] = None, scale: jax.Array | float | None = None,
@@ -40,17 +42,16 @@ def attend(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
         v_BSKD = jnp.repeat(v_BSKD, H // K, axis=2)
     if scale is None:
         scale = 1.0 / jnp.sqrt(jnp.float32(D))
-    logits_BHLS = jnp.einsum("blhd,bshd->bhls", q_BLHD, k_BSKD,
-                             preferred_element_type=jnp.float32) * scale
+    logits_BHLS = matmul.einsum("blhd,bshd->bhls", q_BLHD, k_BSKD, dtype=q_BLHD.dtype,
+                                out_dtype=jnp.float32) * scale
     if mask is not None:
         logits_BHLS = jnp.where(mask, logits_BHLS, jnp.finfo(jnp.float32).min)
     probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1)
     if dropout_rate > 0.0 and not deterministic:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BHLS.shape)
         probs_BHLS = jnp.where(keep, probs_BHLS / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bhls,bshd->blhd", probs_BHLS.astype(v_BSKD.dtype), v_BSKD,
-                     preferred_element_type=jnp.float32)
-    out = out.astype(q_BLHD.dtype)
+    out = matmul.einsum("bhls,bshd->blhd", probs_BHLS, v_BSKD, dtype=v_BSKD.dtype,
+                        out_dtype=q_BLHD.dtype)
     return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
 
 

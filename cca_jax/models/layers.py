@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from cca_jax.models import matmul
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -28,17 +30,38 @@ def normal_init(stddev: float) -> Initializer:
     return nn.initializers.normal(stddev=stddev)
 
 
+class Dense(nn.Module):
+    """``y = x @ kernel (+ bias)`` over the last axis: kernel ``[C_in, C_out]``, bias ``[C_out]``
+    (the parameter names and shapes of ``nn.Dense``), computed by :func:`matmul.einsum` in
+    ``dtype`` with float32 accumulation; parameters stay ``param_dtype``."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        y = matmul.einsum("...i,io->...o", x, kernel, dtype=self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
 def dense(features: int, axes: tuple[str, str], *, dtype: Dtype = jnp.float32,
           kernel_init: Initializer = nn.initializers.lecun_normal(), use_bias: bool = False,
           bias_init: Initializer = nn.initializers.zeros, bias_axes: tuple[str] | None = None,
-          param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
-    """``nn.Dense`` whose kernel ``[C_in, C_out]`` (and optional bias ``[C_out]``) carry logical names.
+          param_dtype: Dtype = jnp.float32, name: str | None = None) -> Dense:
+    """:class:`Dense` whose kernel ``[C_in, C_out]`` (and optional bias ``[C_out]``) carry logical names.
 
     axes: logical names of ``(C_in, C_out)``, e.g. ``("embed", "mlp")``.
     bias_axes: logical name of the bias; defaults to ``(axes[1],)``.
     Computation runs in ``dtype`` (inputs and kernel are cast), parameters stay ``param_dtype``.
     """
-    return nn.Dense(
+    return Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(bias_init, bias_axes or (axes[1],)),

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from cca_jax.models import layers
+from cca_jax.models import layers, matmul
 from cca_jax.models.attention import KVCache, attend, attend_block_causal
 from cca_jax.models.vqvae import ScaleSchedule
 
@@ -246,8 +246,7 @@ class HeadsDense(nn.Module):
                             jnp.float32)
         letters = "abcdefgh"
         ins, outs = letters[:self.in_axes], letters[self.in_axes:self.in_axes + len(self.features)]
-        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype),
-                       kernel.astype(self.dtype))
+        y = matmul.einsum(f"...{ins},{ins}{outs}->...{outs}", x, kernel, dtype=self.dtype)
         if self.bias_init is not None:
             y = y + self.param("bias", self.bias_init, tuple(self.features), jnp.float32).astype(self.dtype)
         return y
@@ -287,7 +286,7 @@ class AdaLinear(nn.Module):
                             (D, self.n, self.features), jnp.float32)
         bias = self.param("bias", _part(_zeros, (None, "norm")), (self.n, self.features), jnp.float32)
         h = jax.nn.silu(cond_BD.astype(self.dtype))
-        out = jnp.einsum("bd,dnc->bnc", h, kernel.astype(self.dtype))
+        out = matmul.einsum("bd,dnc->bnc", h, kernel, dtype=self.dtype)
         return out + bias.astype(self.dtype)
 
 
