@@ -307,6 +307,29 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert np.abs(np.asarray(bf16) - f32).max() > 0  # it really ran in bf16
 
 
+def test_bfloat16_gradients_run_and_track_float32():
+    """Mixed-precision backward of every layer, batch 8: the AdaLN weight gradient contracts
+    over the 8 samples, a product XLA:CPU's bf16 kernels decline (it used to stop the run with
+    "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32")."""
+    cfg = tiny_cfg(num_heads=4, vocab_size=64)
+    params = noisy_params(cfg, 6)
+    labels, x = random_inputs(cfg, B=8, seed=6)
+
+    def grads(dtype):
+        def loss(p):
+            out = VAR(cfg, dtype).apply({"params": p}, labels, x, train=False)
+            return jnp.mean(jax.nn.log_softmax(out)[..., 0])
+        return jax.jit(jax.grad(loss))(params)
+
+    g32, g16 = grads(jnp.float32), grads(jnp.bfloat16)
+    for path, a in jax.tree_util.tree_flatten_with_path(g16)[0]:
+        b = np.asarray(functools.reduce(lambda t, k: t[k.key], path, g32))
+        a = np.asarray(a)
+        assert a.dtype == np.float32, path
+        cos = np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)
+        assert cos > 0.99, (jax.tree_util.keystr(path), cos)
+
+
 def test_bad_input_shape_names_the_fields():
     cfg = tiny_cfg()
     params = noisy_params(cfg)
