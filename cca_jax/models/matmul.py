@@ -66,7 +66,7 @@ def _mkn(spec: str, a_shape, b_shape) -> tuple[int, int, int]:
     inputs, out = spec.split("->")
     sa, sb = inputs.split(",")
     ell = len(a_shape) - len(sa.replace("...", ""))
-    sa = sa.replace("...", "*" * ell)
+    sa = sa.replace("...", "ABCDEFGH"[:ell])  # one name per axis the ellipsis stands for
     sizes = dict(zip(sa, a_shape))
     sizes.update(zip(sb, b_shape))
     m = math.prod(sizes[c] for c in sa if c not in sb)

@@ -115,10 +115,6 @@ class VARConfig(ScaleSchedule):
         return int(round(self.embed_dim * self.mlp_ratio))
 
     @property
-    def num_scales(self) -> int:
-        return len(self.patch_nums)
-
-    @property
     def std(self) -> float:
         """init_std as init_weights resolves it (negative -> sqrt(1/(3C)))."""
         return self.init_std if self.init_std >= 0 else math.sqrt(1.0 / self.embed_dim / 3.0)

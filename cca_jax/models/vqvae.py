@@ -73,6 +73,10 @@ class ScaleSchedule:
     patch_nums: tuple[int, ...]
 
     @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
     def L(self) -> int:
         return int(sum(p * p for p in self.patch_nums))
 
@@ -153,10 +157,6 @@ class VQVAEConfig(ScaleSchedule):
     @property
     def image_size(self) -> int:
         return self.latent_size * self.downsample
-
-    @property
-    def num_scales(self) -> int:
-        return len(self.patch_nums)
 
     @property
     def phi_ratio(self) -> float:
