@@ -463,6 +463,13 @@ def _label_key(keys: Sequence[str], wanted: str = "") -> str | None:
     return next((k for k in ("labels", "arr_1") if k in keys), None)
 
 
+def _is_adm_network(name: str) -> bool:
+    """Whether a :class:`FeatureNet` is the one ADM's reference statistics were made with: the TF
+    graph itself, or its port with the TF1 front end at 299 px."""
+    return name.startswith("adm_tf_graph:") or (name.startswith("fid_inception:")
+                                                and name.endswith(":tf1:299"))
+
+
 def load_reference(path: str, net: FeatureNet, *, cache_dir: str = "", batch_size: int = 64,
                    mesh=None, stats: str = "file", image_size: int = 256, max_images: int = 0,
                    progress: bool = True) -> Reference:
@@ -502,6 +509,11 @@ def load_reference(path: str, net: FeatureNet, *, cache_dir: str = "", batch_siz
     feats = extract_features(net, images, batch_size=batch_size, mesh=mesh, progress=progress,
                              desc="reference features")
     ref = Reference.from_features(feats, labels, path)
+    if "mu" in file_stats and not _is_adm_network(net.name):
+        logging.warning(
+            "%s holds mu/sigma made by ADM's TF Inception graph, but the features come from %s: "
+            "FID mixes two networks' statistics. Set config.eval.reference_stats='recompute' to "
+            "compute the reference statistics with the same network.", path, net.name)
     if "mu" in file_stats:
         ref.mu, ref.sigma = file_stats["mu"], file_stats["sigma"]
         if "mu_s" in file_stats:
@@ -660,10 +672,17 @@ def run(config, workdir: str) -> dict[str, float]:
     from clu import metric_writers
 
     ev = config.eval
-    samples_path = ev.samples_npz or _samples_from_checkpoint(config, workdir)
     names = _metric_list(ev.get("metrics", ",".join(ALL_METRICS[:-1])))
+    # check what the metrics need before a possibly hours-long sample job
+    if not ev.reference_npz:
+        raise ValueError("config.eval.reference_npz is empty: give an ADM reference batch "
+                         "(VIRTUAL_imagenet256_labeled.npz), an npz of uint8 images (arr_0) or a "
+                         "directory of images.")
+    if not _exists(ev.reference_npz):
+        raise FileNotFoundError(f"config.eval.reference_npz={ev.reference_npz!r} does not exist.")
     mesh = sharding.make_mesh(dict(config.mesh)) if "mesh" in config else None
     net = feature_net_from_config(config)
+    samples_path = ev.samples_npz or _samples_from_checkpoint(config, workdir)
     reader = NpzArrayReader(samples_path, "arr_0")
     _check_images(reader.shape, reader.dtype, f"{samples_path}:arr_0")
     logging.info("eval: %d samples %s from %s", len(reader), reader.shape[1:], samples_path)

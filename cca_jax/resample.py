@@ -180,7 +180,11 @@ def upsample_nearest2x(x: jax.Array, layout: str = "NHWC") -> jax.Array:
 def llamagen_to_uint8(x: jax.Array) -> jax.Array:
     """The official sample scripts' float → uint8 rule: ``clamp(127.5·x + 128.0, 0, 255)`` then a
     truncating cast (so effectively round-half-up of ``127.5·(x + 1)``). Shape unchanged."""
-    y = jnp.clip(x.astype(jnp.float32) * jnp.float32(127.5) + jnp.float32(128.0), 0.0, 255.0)
+    # torch rounds 127.5·x before adding 128; under jit XLA:CPU fuses x·127.5 + 128 into one FMA,
+    # which on a rounding boundary truncates to one gray level less. 128·x and 0.5·x are exact, so
+    # their difference is 127.5·x rounded once, fused or not.
+    x = x.astype(jnp.float32)
+    y = jnp.clip((x * jnp.float32(128.0) - x * jnp.float32(0.5)) + jnp.float32(128.0), 0.0, 255.0)
     return y.astype(jnp.uint8)  # y >= 0, so the float -> int conversion truncates like torch's .to(uint8)
 
 

@@ -236,6 +236,32 @@ def test_npz_reader_streams_and_explains_bad_files(tmp_path):
         E.run(config, str(tmp_path / "w"))
 
 
+def test_eval_job_checks_its_inputs_before_sampling(tmp_path, monkeypatch):
+    def no_sampling(config, workdir):
+        raise AssertionError("sampled before checking the eval config")
+
+    monkeypatch.setattr(E, "_samples_from_checkpoint", no_sampling)
+    config = base_config()
+    config.eval.samples_npz = ""
+    config.eval.reference_npz = ""
+    with pytest.raises(ValueError, match="config.eval.reference_npz is empty"):
+        E.run(config, str(tmp_path / "w"))
+    config.eval.reference_npz = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+    with pytest.raises(FileNotFoundError, match="config.eval.reference_npz=.*does not exist"):
+        E.run(config, str(tmp_path / "w"))
+    np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=_images(4, 8))
+    config.eval.inception_weights = ""
+    with pytest.raises(FileNotFoundError, match="inception_weights"):
+        E.run(config, str(tmp_path / "w"))
+
+
+def test_adm_network_names():
+    assert E._is_adm_network("adm_tf_graph:abc")
+    assert E._is_adm_network("fid_inception:pt_inception-2015-12-05:tf1:299")
+    assert not E._is_adm_network("fid_inception:pt_inception-2015-12-05:pytorch_fid:299")
+    assert not E._is_adm_network("fid_inception:pt_inception-2015-12-05:tf1:342")
+
+
 def test_eval_job_samples_from_the_sample_job_when_no_npz(tmp_path, monkeypatch):
     import cca_jax.sampling as sampling_pkg
 

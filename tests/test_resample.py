@@ -1,5 +1,6 @@
 """cca_jax.resample against torch.nn.functional.interpolate / adaptive_avg_pool2d."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -103,6 +104,15 @@ def test_llamagen_eval_uint8_matches_official_recipe():
     v = np.array([-1.0, -0.999, 0.0, 0.5, 1.0, 1.5, -2.0], np.float32)
     np.testing.assert_array_equal(np.asarray(resample.llamagen_to_uint8(v)),
                                   torch.clamp(127.5 * torch.from_numpy(v) + 128.0, 0, 255).to(torch.uint8).numpy())
+
+
+def test_llamagen_to_uint8_is_exact_under_jit_on_rounding_boundaries():
+    # 127.5·x lands on integers here; a fused multiply-add would give 1.99999… → 1 instead of 2
+    v = np.arange(-1.1, 1.1, 1 / 127.5 / 4).astype(np.float32)
+    v = np.concatenate([v, np.nextafter(v, np.float32(2)), np.nextafter(v, np.float32(-2))])
+    want = torch.clamp(127.5 * torch.from_numpy(v) + 128.0, 0, 255).to(torch.uint8).numpy()
+    got = np.asarray(jax.jit(resample.llamagen_to_uint8)(v))
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("ih,oh", SIZE_PAIRS)

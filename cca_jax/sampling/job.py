@@ -5,9 +5,15 @@
 
 * Labels follow the official schemes (``config.sample.labels``): ``balanced`` (VAR: N/classes per
   class) or ``uniform`` (LlamaGen: i.i.d. uniform), drawn from ``config.sample.seed``.
-* The work is cut into chunks of one global batch (``sample.batch_size`` per device × every
-  device of every host); chunk ``k`` uses the random key ``fold_in(seed, k)``, so a run is
-  reproducible and a restarted run skips the chunks already on disk.
+* The work is cut into chunks of one global batch ``G`` (``sample.batch_size`` per device × every
+  device of every host); the chunk whose first image is ``i`` uses the random key
+  ``fold_in(seed, i)``, so a run is reproducible for a given ``G``.
+* Resume: finished chunks are kept in ``<workdir>/samples/<name>_chunks/`` and a restarted run
+  makes only the missing images (also on another device count: those images then come from other
+  random draws). ``run.json`` there records what the images are samples of (labels, seed, model and
+  sampling settings, a fingerprint of the weights); a run with other settings refuses the directory
+  and names the differences, instead of mixing two runs' images. Multi-host runs need a workdir that
+  every host sees (e.g. ``gs://``): process 0 assembles the npz from every host's chunks.
 * Output in ``<workdir>/samples/``: ``<name>.npz`` with ``arr_0`` uint8 ``[N, H, W, 3]`` (what the
   OpenAI/ADM evaluator reads) and ``labels [N]``, ``<name>.png`` (a grid), and a TensorBoard grid.
   LlamaGen images are resized to ``sample.image_size_eval`` (384 → 256 in every paper run) with
@@ -17,6 +23,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from typing import Any, Callable
@@ -39,24 +47,31 @@ class ImageSampler:
     tokenizer_params: Any
     num_classes: int
     abstract_params: Any = None
+    source: str = ""  # where ``params`` came from (recorded in the resume manifest)
 
 
 # ------------------------------------------------------------------------------ model loading
 
-def load_model_params(config, workdir: str, family: families.Family):
+def load_model_params(config, workdir: str, family: families.Family, *, with_source: bool = False):
     """Params from ``config.sample.checkpoint`` (official file or Orbax params dir), else the newest
-    train checkpoint in ``workdir`` (else ``config.init.reference_checkpoint``)."""
-    path = config.sample.checkpoint
-    if path:
-        return family.load_params(path)
-    if checkpoint.checkpoint_dir(workdir).exists():
+    train checkpoint in ``workdir`` (else ``config.init.reference_checkpoint``).
+
+    with_source: also return a one-line description of where they came from.
+    """
+    if config.sample.checkpoint:
+        path = config.sample.checkpoint
+        params, source = family.load_params(path), f"file {path}"
+    elif checkpoint.checkpoint_dir(workdir).exists():
         step, params = checkpoint.load_latest_params(workdir)
         logging.info("sampling from the train checkpoint of step %d in %s", step, workdir)
-        return params
-    if config.init.reference_checkpoint:
-        return family.load_params(config.init.reference_checkpoint)
-    raise ValueError("Nothing to sample from: set config.sample.checkpoint (an Orbax params dir or an "
-                     "official .pt/.pth file), or point --workdir at a training run.")
+        source = f"train checkpoint step {step} in {workdir}"
+    elif config.init.reference_checkpoint:
+        path = config.init.reference_checkpoint
+        params, source = family.load_params(path), f"file {path}"
+    else:
+        raise ValueError("Nothing to sample from: set config.sample.checkpoint (an Orbax params dir or an "
+                         "official .pt/.pth file), or point --workdir at a training run.")
+    return (params, source) if with_source else params
 
 
 def _tokenizer_path(config) -> str:
@@ -92,8 +107,10 @@ def llamagen_sampler(config, workdir: str, tokenizer_params=None, *, with_params
             return resample.llamagen_eval_uint8(img, None)
         return resample.llamagen_eval_uint8(img, eval_size)
 
-    params = load_model_params(config, workdir, family) if with_params else None
-    return ImageSampler(generate, params, tokenizer_params, cfg.num_classes, family.abstract_params())
+    params, source = (load_model_params(config, workdir, family, with_source=True) if with_params
+                      else (None, ""))
+    return ImageSampler(generate, params, tokenizer_params, cfg.num_classes, family.abstract_params(),
+                        source)
 
 
 def var_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bool = True
@@ -113,9 +130,10 @@ def var_sampler(config, workdir: str, tokenizer_params=None, *, with_params: boo
         # official: x·255 then a truncating cast (utils/misc + VAR_sample.py)
         return jnp.clip(img * 255.0, 0.0, 255.0).astype(jnp.uint8)
 
-    params = load_model_params(config, workdir, family) if with_params else None
+    params, source = (load_model_params(config, workdir, family, with_source=True) if with_params
+                      else (None, ""))
     return ImageSampler(generate, params, tokenizer_params, family.num_classes,
-                        family.abstract_params())
+                        family.abstract_params(), source)
 
 
 SAMPLERS = {"llamagen": llamagen_sampler, "var": var_sampler}
@@ -134,11 +152,15 @@ def make_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bo
 # ------------------------------------------------------------------------------------ labels
 
 def sample_labels(num_samples: int, num_classes: int, scheme: str, seed: int) -> np.ndarray:
-    """``[N]`` int32 labels: ``balanced`` = ceil(N/C) of each class in order (VAR's 50 per class for
-    N = 50,000) then shuffled by ``seed``; ``uniform`` = i.i.d. uniform (LlamaGen's samplers)."""
+    """``[N]`` int32 labels: ``balanced`` = N // C of each class (VAR's 50 per class for N = 50,000),
+    the N mod C left over going to distinct classes drawn by ``seed``, then shuffled by ``seed``;
+    ``uniform`` = i.i.d. uniform (LlamaGen's samplers)."""
     rng = np.random.default_rng(seed)
     if scheme == "balanced":
-        labels = np.repeat(np.arange(num_classes), math.ceil(num_samples / num_classes))[:num_samples]
+        labels = np.repeat(np.arange(num_classes), num_samples // num_classes)
+        extra = num_samples % num_classes
+        if extra:  # no class gets two more than another, and which get one more is seeded
+            labels = np.concatenate([labels, np.sort(rng.permutation(num_classes)[:extra])])
         return rng.permutation(labels).astype(np.int32)
     if scheme == "uniform":
         return rng.integers(0, num_classes, num_samples).astype(np.int32)
@@ -179,22 +201,95 @@ def _save_npz(path: epath.Path, **arrays) -> None:
     tmp.rename(path)
 
 
+# ---------------------------------------------------------------------------------- resume
+
+MANIFEST = "run.json"
+
+
+def params_fingerprint(params: Any) -> str:
+    """Short hash of every leaf's path, shape and a strided sample of up to 4096 of its values:
+    cheap, and it changes when the weights are retrained or re-exported to the same path."""
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        h.update(f"{jax.tree_util.keystr(path)}{tuple(np.shape(x))}".encode())
+        flat = x.reshape(-1)
+        h.update(np.asarray(flat[::max(1, flat.size // 4096)][:4096], np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_manifest(out_dir: epath.Path, manifest: dict) -> None:
+    """Writes ``run.json`` in a new chunk dir; in an existing one, raises unless it describes the
+    same run (so a resume never mixes images of two models, seeds or sampling settings)."""
+    want = json.loads(json.dumps(manifest, sort_keys=True, default=str))
+    path = out_dir / MANIFEST
+    if path.exists():
+        have, now = _flat(json.loads(path.read_text())), _flat(want)
+        diff = [f"{k}: {have.get(k)!r} on disk, {now.get(k)!r} now"
+                for k in sorted(set(have) | set(now)) if have.get(k) != now.get(k)]
+        if diff:
+            raise ValueError(
+                f"{out_dir} holds samples of another run ({'; '.join(diff[:8])}"
+                f"{'; …' if len(diff) > 8 else ''}). Set config.sample.name to a new name to sample "
+                "afresh, or delete that directory.")
+        return
+    if any(out_dir.glob("chunk_*.npz")):
+        raise ValueError(f"{out_dir} has sample chunks but no {MANIFEST}, so nothing says what they are "
+                         "samples of; delete the directory or set config.sample.name to a new name.")
+    tmp = out_dir / f"{MANIFEST}.tmp{jax.process_index()}"
+    tmp.write_text(json.dumps(want, indent=1, sort_keys=True))
+    tmp.rename(path)
+
+
+def _done_mask(out_dir: epath.Path, N: int) -> np.ndarray:
+    """``[N]`` bool: which images some chunk file in ``out_dir`` already holds."""
+    done = np.zeros(N, bool)
+    for f in out_dir.glob("chunk_*.npz"):
+        with f.open("rb") as fh, np.load(fh) as z:
+            index = z["index"]
+        done[index[(index >= 0) & (index < N)]] = True
+    return done
+
+
 # ---------------------------------------------------------------------------------- the loop
 
 def generate_samples(sampler: ImageSampler, labels: np.ndarray, out_dir: epath.Path, *,
-                     seed: int, per_device_batch: int, mesh=None, progress: bool = True) -> np.ndarray:
+                     seed: int, per_device_batch: int, mesh=None, progress: bool = True,
+                     settings: dict | None = None) -> np.ndarray:
     """Generates one image per label over every device; returns ``[N, H, W, C]`` uint8 on process 0
-    (None elsewhere). Finished chunks in ``out_dir`` are reused (resume)."""
+    (None elsewhere).
+
+    Images already in ``out_dir`` are kept (resume); the rest are made in global batches of ``G``,
+    the batch whose first image is ``i`` drawn with ``fold_in(seed, i)``. ``settings`` (with the
+    labels, seed and a fingerprint of ``sampler.params``) must match the ``run.json`` of an existing
+    ``out_dir``: see :func:`check_manifest`.
+    """
     from jax.experimental import multihost_utils
     from tqdm import tqdm
 
     mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    n_dev = mesh.devices.size
-    G = per_device_batch * n_dev
+    G = per_device_batch * mesh.devices.size
+    labels = np.asarray(labels, np.int32)
     N = len(labels)
-    num_chunks = math.ceil(N / G)
-    padded = np.concatenate([labels, np.zeros(num_chunks * G - N, np.int32)])
+    multi = jax.process_count() > 1
     out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"num_samples": N, "seed": int(seed), "settings": settings or {}, "params": sampler.source,
+                "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
+    if sampler.params is not None:
+        manifest["params_fingerprint"] = params_fingerprint(sampler.params)
+    check_manifest(out_dir, manifest)
+    done = _done_mask(out_dir, N)
+    if multi:  # every host must run the same batches, or the collective program deadlocks
+        done = np.asarray(multihost_utils.process_allgather(done)).reshape(-1, N).all(axis=0)
+    todo = np.flatnonzero(~done)
     batch_sh = sharding.batch_sharding(mesh, 1)
 
     with sharding.use_mesh(mesh):
@@ -207,42 +302,47 @@ def generate_samples(sampler: ImageSampler, labels: np.ndarray, out_dir: epath.P
         gen = jax.jit(sampler.generate, out_shardings=sharding.batch_sharding(mesh, 4))
         key = jax.random.key(seed)
         proc = jax.process_index()
-        bar = tqdm(total=N, unit="img", disable=not progress or proc != 0, desc="sampling")
+        bar = tqdm(total=N, initial=N - len(todo), unit="img", disable=not progress or proc != 0,
+                   desc="sampling")
         t0, made = time.time(), 0
-        for k in range(num_chunks):
-            chunk_file = out_dir / f"chunk_{k:05d}_p{proc:03d}.npz"
-            rows = min(G, N - k * G)
-            if chunk_file.exists():
-                bar.update(rows)
-                continue
-            chunk = padded[k * G:(k + 1) * G]
+        for start in range(0, len(todo), G):
+            rows = todo[start:start + G]
+            index_G = np.concatenate([rows, np.full(G - len(rows), -1)])  # -1: padding
+            chunk = labels[np.maximum(index_G, 0)]
             labels_dev = jax.make_array_from_callback((G,), batch_sh, lambda idx: chunk[idx])
-            images = gen(params, tok_params, labels_dev, jax.random.fold_in(key, k))
+            images = gen(params, tok_params, labels_dev, jax.random.fold_in(key, int(rows[0])))
             idx, imgs = [], []
             for shard in images.addressable_shards:
-                sl = shard.index[0]
-                idx.append(np.arange(G)[sl] + k * G)
+                idx.append(index_G[shard.index[0]])
                 imgs.append(np.asarray(shard.data))
             idx, imgs = np.concatenate(idx), np.concatenate(imgs)
-            order = np.argsort(idx)
-            _, uniq = np.unique(idx[order], return_index=True)  # replicated shards appear twice
-            _save_npz(chunk_file, index=idx[order][uniq], images=imgs[order][uniq])
-            made += rows
-            bar.update(rows)
+            idx, first = np.unique(idx, return_index=True)  # replicated shards appear twice
+            keep = idx >= 0
+            if keep.any():  # named after its first image, which no earlier file holds
+                _save_npz(out_dir / f"chunk_{idx[keep][0]:08d}_p{proc:03d}.npz",
+                          index=idx[keep], images=imgs[first][keep])
+            made += len(rows)
+            bar.update(len(rows))
             bar.set_postfix(img_per_s=f"{made / max(time.time() - t0, 1e-9):.2f}")
         bar.close()
-    if jax.process_count() > 1:
+    if multi:
         multihost_utils.sync_global_devices("samples written")
     if proc != 0:
         return None
-    out = None
+    out, filled = None, np.zeros(N, bool)
     for f in sorted(out_dir.glob("chunk_*.npz")):
         with f.open("rb") as fh, np.load(fh) as z:
             index, images = z["index"], z["images"]
         if out is None:
             out = np.zeros((N,) + images.shape[1:], np.uint8)
-        keep = index < N
+        keep = (index >= 0) & (index < N)
         out[index[keep]] = images[keep]
+        filled[index[keep]] = True
+    if not filled.all():
+        raise RuntimeError(
+            f"{int((~filled).sum())} of {N} images are missing from {out_dir} (first: "
+            f"{int(np.flatnonzero(~filled)[0])}). On several hosts the workdir must be one that every "
+            "host sees (e.g. gs://…); rerun the job to make the missing images.")
     return out
 
 
@@ -259,7 +359,8 @@ def run(config, workdir: str) -> str:
     mesh = sharding.make_mesh(dict(config.mesh))
     images = generate_samples(sampler, labels, out_dir / f"{name}_chunks",
                               seed=int(config.sample.seed),
-                              per_device_batch=int(config.sample.batch_size), mesh=mesh)
+                              per_device_batch=int(config.sample.batch_size), mesh=mesh,
+                              settings=image_settings(config))
     npz = out_dir / f"{name}.npz"
     if jax.process_index() == 0:
         _save_npz(npz, arr_0=images, labels=labels)
@@ -270,4 +371,16 @@ def run(config, workdir: str) -> str:
         writer.write_images(0, {f"samples/{name}": grid[None]})
         writer.flush()
         logging.info("wrote %s (%s)", npz, images.shape)
+    if jax.process_count() > 1:  # the eval job reads the npz on every host next
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("sample npz written")
     return str(npz)
+
+
+def image_settings(config) -> dict:
+    """What the images depend on besides labels, seed and weights: the model, tokenizer and
+    sampling settings (not the batch size, the output name or the checkpoint path)."""
+    sample = {k: v for k, v in config.sample.to_dict().items()
+              if k not in ("name", "num_samples", "batch_size", "checkpoint", "seed")}
+    return {"model": config.model.to_dict(), "tokenizer": config.tokenizer.to_dict(),
+            "tokenizer_checkpoint": config.init.get("tokenizer_checkpoint", ""), "sample": sample}
