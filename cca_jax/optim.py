@@ -138,6 +138,16 @@ class ScheduleState(NamedTuple):
     count: jax.Array  # int32 optimizer steps applied so far
 
 
+def advance_schedules(kept_state: Any, new_state: Any) -> Any:
+    """``kept_state`` (the optimizer state of a skipped update) with the schedule counters of
+    ``new_state``: a skipped step leaves Adam's moments and bias correction alone, but the LR and
+    weight-decay schedules keep following the train step (as the official loops set the LR per
+    iteration whatever happens), so the applied LR stays the logged one."""
+    is_sched = lambda x: isinstance(x, ScheduleState)  # noqa: E731
+    return jax.tree_util.tree_map(lambda k, n: n if is_sched(k) else k, kept_state, new_state,
+                                  is_leaf=is_sched)
+
+
 def _scheduled(fn_of_count_and_updates) -> optax.GradientTransformation:
     def init(params):
         del params
@@ -194,6 +204,17 @@ def make_optimizer(optim_cfg, *, decay_mask: Any, total_steps: float) -> tuple[
 
 
 def accumulation_scale(optim_cfg) -> float:
-    """Factor applied to the SUM of micro-step gradients before the optimizer (1 or 1/accum)."""
+    """Factor applied to the SUM of the ``A = grad_accum_steps`` micro-step gradients before the
+    optimizer: ``1/A`` for ``accum="mean"``; ``sum_steps/A`` for ``"sum"``.
+
+    The official LlamaGen step sums 16 micro-step gradients, i.e. clips and applies 16 × the mean
+    gradient. ``A`` is a memory knob here (another topology or micro-batch changes it), so ``sum``
+    keeps the official scale through ``optim.sum_steps`` (16 in the LlamaGen recipes; 0 = ``A``).
+    """
     n = int(optim_cfg.grad_accum_steps)
-    return 1.0 if optim_cfg.accum == "sum" else 1.0 / n
+    if optim_cfg.accum != "sum":
+        return 1.0 / n
+    sum_steps = int(optim_cfg.get("sum_steps", 0))
+    if sum_steps < 0:
+        raise ValueError(f"config.optim.sum_steps={sum_steps} must be >= 0 (0: grad_accum_steps).")
+    return (sum_steps or n) / n

@@ -262,7 +262,9 @@ def make_train_step(family: families.Family, tx: optax.GradientTransformation,
         keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
             lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                               opt_state=keep(new_opt, state.opt_state), rng=state.rng)
+                               opt_state=optim.advance_schedules(keep(new_opt, state.opt_state),
+                                                                 new_opt),
+                               rng=state.rng)
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedules.lr(state.step),
                        weight_decay=schedules.wd(state.step), finite=finite.astype(jnp.float32))
         return new_state, metrics
@@ -333,6 +335,15 @@ class Trainer:
                 f"config.train.global_batch_size={B} must be a multiple of grad_accum_steps ({A}) "
                 f"x batch shards (mesh data*fsdp = {n}); change the batch size, "
                 "config.optim.grad_accum_steps or config.mesh.")
+        o = self.opts
+        uses_null = o.label_dropout > 0 if o.loss_type == "mle" else o.uncond_ratio > 0
+        if uses_null and not getattr(self.family.model_cfg, "has_null_class", True):
+            field = "label_dropout" if o.loss_type == "mle" else "uncond_ratio"
+            raise ValueError(
+                f"config.loss.{field}={getattr(o, field)} feeds the null class, but this model's class "
+                "table has no null row (LlamaGen keeps it only when config.model.class_dropout_prob "
+                f"> 0). Set config.model.class_dropout_prob > 0 (the official checkpoints have the "
+                f"row) or config.loss.{field}=0.")
         if self.opts.negatives == "group_roll" and (B // A) % self.opts.roll_group:
             raise ValueError(f"config.loss.roll_group={self.opts.roll_group} must divide the "
                              f"micro-batch of {B // A} rows (global_batch_size / grad_accum_steps).")
@@ -459,6 +470,29 @@ class SyntheticData:
             self.position = int(state.get("position", 0))
 
 
+def check_tokenizer_matches_data(config, data) -> None:
+    """VAR builds its teacher-forcing inputs with the VQVAE of ``config.init.tokenizer_checkpoint``,
+    so it must be the one that tokenized the shards (their metadata records its checksum); a
+    different one would train silently on wrong inputs. ``config.data.tokenizer_checksum``, when
+    set, is checked by the reader instead."""
+    meta = getattr(getattr(data, "store", None), "meta", None) or {}
+    want = (meta.get("tokenizer") or {}).get("checksum")
+    path = config.init.get("tokenizer_checkpoint", "")
+    if config.model.family != "var" or not want or not path or config.data.get("tokenizer_checksum"):
+        return
+    from cca_jax.convert import vqvae as vq_conv
+    from cca_jax.data.reader import MetadataMismatchError
+    from cca_jax.models import vq16, vqvae
+    have = vq16.params_checksum(vq_conv.load_checkpoint(path, vqvae.VQVAEConfig.from_config(
+        config.tokenizer)))
+    if have != want:
+        raise MetadataMismatchError(
+            f"config.init.tokenizer_checkpoint={path!r} (checksum {have[:12]}…) is not the VQVAE that "
+            f"tokenized {config.data.path} (checksum {want[:12]}…, "
+            f"{(meta.get('tokenizer') or {}).get('config', {}).get('checkpoint', '?')}): VAR's "
+            "teacher-forcing inputs would be wrong. Point it at the tokenizer of the shards.")
+
+
 def make_data(config, family: families.Family, mesh):
     """The process-local batch iterator of ``config.data.source`` (``state()``/``restore()``)."""
     src = config.data.source
@@ -558,6 +592,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
     family = trainer.family if trainer else families.from_config(config)
     mesh = trainer.mesh if trainer else sharding.make_mesh(dict(config.mesh), devices=devices)
     data = make_data(config, family, mesh)  # before the Trainer: the step count needs its size
+    check_tokenizer_matches_data(config, data)
     total = resolve_num_steps(config, data)
     if trainer is None:
         trainer = Trainer(config, total_steps=total, mesh=mesh, family=family)
@@ -636,7 +671,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
                         writer.write_scalars(step_no, scalars)
                         logging.info("%s", _console_line(step_no, total, scalars, sps))
                     pending, t_last, steps_since = [], time.time(), 0
-                if eval_hook is not None and step_no % eval_every == 0:
+                if eval_hook is not None and step_no % eval_every == 0 and not stop:
+                    # (not after a preemption notice: the grace period is for the checkpoint)
                     ev = eval_hook(state.params, step_no)
                     evals.append({"step": step_no, **ev})
                     if is_main:
@@ -645,7 +681,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
                                      " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
                 ckpt.save(step_no, state.to_tree(), data_state=data.state(),
                           force=stop or step_no == total)
-                if stop:
+                if stop:  # wait while SIGTERM is still handled: a second one must not kill the write
+                    ckpt.wait_until_finished()
                     logging.info("Preemption notice: saved step %d and stopping.", step_no)
                     break
             if prev is not None:

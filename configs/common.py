@@ -52,8 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0  # global-norm clip threshold (applied to the accumulated gradient)
     c.optim.grad_accum_steps = 1  # micro-steps per optimizer step
     c.optim.accum = "mean"  # "sum" (LlamaGen: sum of micro-step gradients, so the clip acts on
-    #   accum x the mean gradient) | "mean" (VAR). Default "mean": the update does not depend on
+    #   sum_steps x the mean gradient) | "mean" (VAR). Default "mean": the update does not depend on
     #   how the batch is split; LlamaGen recipes set "sum" to reproduce the official update.
+    c.optim.sum_steps = 0  # accum="sum": the gradient is sum_steps x the mean micro-step gradient
+    #   whatever grad_accum_steps is (official LlamaGen: 16); 0 = grad_accum_steps
 
     # --- training loop (cca_jax/train.py) -------------------------------------------------------------
     c.train = ml_collections.ConfigDict()

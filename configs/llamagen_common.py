@@ -109,6 +109,7 @@ def cca_config(size: str, image_size: int, checkpoint_dir: str | None = None
     c.optim.grad_clip = 1.0
     c.optim.grad_accum_steps = 16
     c.optim.accum = "sum"  # official: un-normalised micro-step gradients are summed, then clipped
+    c.optim.sum_steps = 16  # ... 16 of them: kept when grad_accum_steps changes with the topology
 
     c.train.global_batch_size = 256
     c.train.num_epochs = 1.0  # 5,004 optimizer steps over the 1,281,167 ImageNet codes

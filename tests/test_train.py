@@ -9,6 +9,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+import optax
 
 import fixture_harness
 from cca_jax import families, losses, optim, train
@@ -366,6 +367,18 @@ def test_grad_accumulation_sum_and_mean(sum_trainer):
     _, m2 = tr_mean.step(s2, r2, tr_mean.global_batch(batch), None)
     np.testing.assert_allclose(m2["grad_norm"], optim.global_norm(g_sum) / 2, rtol=1e-5)
 
+    # "sum" keeps the official scale (sum_steps x the mean gradient) when the accumulation steps
+    # change: one micro-step of all 8 rows with sum_steps=2 applies 2x its gradient
+    c_one = _det_config("sum")
+    c_one.optim.update(dict(grad_accum_steps=1, sum_steps=2))
+    tr_one = train.Trainer(c_one, total_steps=2, devices=jax.devices()[:2])
+    _, _, g_all, _ = jax.jit(lambda p, t, y: train.micro_loss_and_grads(
+        p, p, t, y, jax.random.key(0), None, family=tr_one.family, opts=tr_one.opts))(
+        params, batch["tokens"], batch["labels"])
+    s3, r3 = tr_one.init_state(params, with_reference=True)
+    s3, m3 = tr_one.step(s3, r3, tr_one.global_batch(batch), None)
+    np.testing.assert_allclose(m3["grad_norm"], 2 * optim.global_norm(g_all), rtol=1e-5)
+
 
 def test_nonfinite_step_is_not_applied(sum_trainer):
     c, tr = sum_trainer
@@ -379,6 +392,15 @@ def test_nonfinite_step_is_not_applied(sum_trainer):
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
                     jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(a, b)
+    # Adam's moments and count stay; the LR/WD schedules move on with the step (applied = logged)
+    is_sched = lambda x: isinstance(x, optim.ScheduleState)  # noqa: E731
+    sched = [x for x in jax.tree_util.tree_leaves(state.opt_state, is_leaf=is_sched) if is_sched(x)]
+    assert sched and all(int(x.count) == 1 for x in sched)
+    adam = [x for x in jax.tree_util.tree_leaves(
+        state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(x, optax.ScaleByAdamState)]
+    assert len(adam) == 1 and int(adam[0].count) == 0
+    assert all(float(jnp.abs(m).max()) == 0 for m in jax.tree_util.tree_leaves(adam[0].mu))
 
 
 def test_nonfinite_loss_stops_naming_the_step(sum_trainer, tmp_path):
@@ -417,6 +439,13 @@ def test_missing_inputs_name_the_config_field(tmp_path):
     c.loss.type = "ppo"
     with pytest.raises(ValueError, match="config.loss.type"):
         train.StepOptions.from_config(c)
+    c = tiny_config()  # no null row in the class table, but TBM would feed the null class
+    c.model.class_dropout_prob, c.loss.uncond_ratio = 0.0, 0.1
+    with pytest.raises(ValueError, match="no null row.*class_dropout_prob"):
+        train.Trainer(c, total_steps=1, devices=one)
+    c.loss.type, c.loss.label_dropout = "mle", 0.1
+    with pytest.raises(ValueError, match="config.loss.label_dropout"):
+        train.Trainer(c, total_steps=1, devices=one)
 
 
 def test_sigterm_checkpoints_and_stops_then_resumes(sum_trainer, tmp_path, monkeypatch):
@@ -444,8 +473,13 @@ def test_sigterm_checkpoints_and_stops_then_resumes(sum_trainer, tmp_path, monke
             self.inner.restore(s)
 
     monkeypatch.setattr(train, "make_data", lambda *a: Interrupting(real_make_data(*a)))
-    out = train.train_and_evaluate(_det_config("sum"), str(tmp_path), trainer=tr)
-    assert out["step"] == 1  # stopped after the step during which the notice came
+    # an in-training eval due at the stopping step is skipped: the grace period is for the save
+    monkeypatch.setattr(train, "make_eval_hook", lambda *a: (
+        lambda params, step: pytest.fail("eval ran after the preemption notice")))
+    c_eval = _det_config("sum")
+    c_eval.train.eval_every = 1
+    out = train.train_and_evaluate(c_eval, str(tmp_path), trainer=tr)
+    assert out["step"] == 1 and out["evals"] == []  # stopped after the step the notice came in
     assert (tmp_path / "checkpoints" / "1").exists()
     monkeypatch.setattr(train, "make_data", real_make_data)
     out = train.train_and_evaluate(_det_config("sum"), str(tmp_path), trainer=tr)
@@ -536,3 +570,29 @@ def test_in_training_fid_samples_the_policy_from_scratch(tmp_path, monkeypatch):
     assert [e["step"] for e in out["evals"]] == [1, 2]
     assert out["step"] == 2 and len(fids) == 2 and all(np.isfinite(f) and f > 0 for f in fids)
     assert seen and set(seen) == {(4, 4, 3)}  # the decoded 4x4 RGB samples were scored
+
+
+def test_var_tokenizer_must_be_the_one_that_tokenized_the_shards(tmp_path):
+    import dataclasses
+    import types
+
+    from cca_jax import checkpoint
+    from cca_jax.data.reader import MetadataMismatchError
+    from cca_jax.models import vq16, vqvae
+
+    tiny = vqvae.VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                             patch_nums=(1, 2, 3, 4))
+    params = vqvae.init_params(tiny, jax.random.key(0))
+    checkpoint.export_params(params, tmp_path / "vae")
+    c = base_config()
+    c.model.family = "var"
+    c.tokenizer.update({"family": "vqvae", **{k: v for k, v in dataclasses.asdict(tiny).items()}})
+    c.init.tokenizer_checkpoint = str(tmp_path / "vae")
+    c.data.path = str(tmp_path / "shards")
+    data = lambda checksum: types.SimpleNamespace(store=types.SimpleNamespace(  # noqa: E731
+        meta={"tokenizer": {"checksum": checksum, "config": {"checkpoint": "other_vae.pth"}}}))
+    train.check_tokenizer_matches_data(c, data(vq16.params_checksum(params)))  # the same VQVAE
+    with pytest.raises(MetadataMismatchError, match="tokenizer_checkpoint=.*other_vae.pth"):
+        train.check_tokenizer_matches_data(c, data("0" * 64))
+    c.data.tokenizer_checksum = "0" * 64  # an explicit checksum is the reader's business
+    train.check_tokenizer_matches_data(c, data("0" * 64))

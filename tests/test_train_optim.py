@@ -100,3 +100,8 @@ def test_var_decay_rule_on_official_names():
 def test_accumulation_scale():
     assert optim.accumulation_scale(_cfg(accum="sum", grad_accum_steps=16)) == 1.0
     assert optim.accumulation_scale(_cfg(accum="mean", grad_accum_steps=4)) == 0.25
+    # the official 16x-the-mean gradient whatever the accumulation steps of this topology
+    for A in (1, 2, 16):
+        assert optim.accumulation_scale(_cfg(accum="sum", grad_accum_steps=A, sum_steps=16)) == 16 / A
+    with pytest.raises(ValueError, match="sum_steps"):
+        optim.accumulation_scale(_cfg(accum="sum", grad_accum_steps=2, sum_steps=-1))
