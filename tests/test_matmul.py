@@ -135,3 +135,13 @@ def test_bf16_small_and_vector_products_run_on_cpu(x_shape, w_shape):
     a2, g2 = r(a).reshape(-1, w_shape[0]), g.reshape(-1, w_shape[1])
     np.testing.assert_allclose(da, g @ r(b).T, rtol=0, atol=1e-6 * np.max(abs(g) @ abs(r(b)).T))
     np.testing.assert_allclose(db, a2.T @ g2, rtol=0, atol=1e-6 * np.max(abs(a2).T @ abs(g2)))
+
+
+def test_float32_products_ask_for_full_precision():
+    # on TPU/GPU JAX's default float32 matmul is one bf16 pass / TF32: parity needs HIGHEST
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+    text = jax.jit(lambda a, b: matmul.einsum("bi,io->bo", a, b)).lower(x, w).as_text()
+    assert "HIGHEST" in text
+    q = jnp.ones((2, 4, 3, 8))
+    text = jax.jit(lambda a, b: matmul.einsum("blhd,bshd->bhls", a, b)).lower(q, q).as_text()
+    assert "HIGHEST" in text
