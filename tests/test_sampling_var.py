@@ -175,3 +175,20 @@ def test_categorical_draws_follow_the_distribution():
     np.testing.assert_allclose(freq[[0, 2, 3]], [0.1, 0.2, 0.7], atol=0.01)
     greedy = vs.top_k_top_p_filter(jnp.array([[0.3, 2.0, -1.0, 1.9]]), top_k=1)
     assert np.asarray(vs.categorical(jax.random.key(1), jnp.broadcast_to(greedy, (100, 4)))).tolist() == [1] * 100
+
+
+@pytest.mark.parametrize("top_k", [0, 3, 6])
+def test_top_p_ties_at_the_boundary_are_cut_in_index_order(top_k):
+    # equal logits on both sides of the top-p cut: a stable ascending sort (torch's order for
+    # small V) removes the lowest-index ones first
+    np.testing.assert_array_equal(
+        np.isfinite(np.asarray(vs.top_k_top_p_filter(jnp.array([[0.0, 1, 1, 1, 2]]), 0, 0.6))),
+        [[False, False, False, True, True]])
+    rng = np.random.default_rng(1)
+    logits = rng.integers(0, 4, size=(400, 12)).astype(np.float32)  # many ties
+    # (cut values that no partial sum hits exactly: at exact equality the float32 rounding of
+    # the cumulative sum decides, and this float64 transcription rounds differently)
+    for top_p in (0.35, 0.55, 0.73, 0.87, 0.95):
+        got = np.asarray(vs.top_k_top_p_filter(jnp.asarray(logits), top_k, top_p))
+        want = official_filter(logits, top_k, top_p)
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want), err_msg=f"top_p={top_p}")

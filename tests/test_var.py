@@ -1,5 +1,6 @@
 """VAR transformer: parity with the official outputs (fixtures) and unit tests of its pieces."""
 
+import dataclasses
 import functools
 import math
 
@@ -203,15 +204,20 @@ def test_drop_path_only_in_train():
     assert cfg.drop_path_rates == (0.0, 0.5)
 
 
-def test_cond_drop_only_in_train():
+def test_cond_drop_applies_in_eval_mode_too():
+    # official VAR.forward drops labels whatever the mode: at rate 1 every row is the null class
     cfg = tiny_cfg(cond_drop_rate=1.0)
     params = noisy_params(cfg)
     labels, x = random_inputs(cfg)
     labels = np.array([1, 2, 3])
     null = np.full_like(labels, cfg.num_classes)
-    np.testing.assert_allclose(np.asarray(forward(cfg, params, labels, x, train=True)),
-                               np.asarray(forward(cfg, params, null, x)), atol=1e-6)
-    assert np.abs(np.asarray(forward(cfg, params, labels, x)) - np.asarray(forward(cfg, params, null, x))).max() > 1e-5
+    want = np.asarray(forward(cfg, params, null, x))
+    np.testing.assert_allclose(np.asarray(forward(cfg, params, labels, x, train=True)), want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(forward(cfg, params, labels, x)), want, atol=1e-6)
+    # at 0 < p < 1 an eval call without a dropout rng (deterministic) keeps the labels
+    half = tiny_cfg(cond_drop_rate=0.5)
+    apply = jax.jit(lambda p, lab: VAR(half).apply({"params": p}, lab, jnp.asarray(x)))
+    assert np.abs(np.asarray(apply(params, labels)) - np.asarray(apply(params, null))).max() > 1e-5
 
 
 # ------------------------------------------------------------------------------ variants
@@ -277,6 +283,17 @@ def test_official_init():
     np.testing.assert_allclose(np.std(p["head_nm"]["ada_lin"]["kernel"]), std * 0.5, rtol=0.05)
     np.testing.assert_allclose(np.std(p["class_emb"]["embedding"]), std, rtol=0.1)
     assert np.abs(np.asarray(p["pos_1LC"])).max() <= 2.0
+    # a negative init_head leaves the head at the plain init (official: no rescale)
+    unscaled = init_params(dataclasses.replace(cfg, init_head=-1.0), jax.random.key(0))
+    np.testing.assert_allclose(np.std(unscaled["head"]["kernel"]), std, rtol=0.05)
+
+
+def test_from_official_args_uses_the_constructor_defaults():
+    cfg = VARConfig.from_official_args({"depth": 2, "embed_dim": 128, "num_heads": 2})
+    assert cfg.attn_l2_norm is False and cfg.cond_drop_rate == 0.1  # VAR.__init__'s defaults
+    cfg = VARConfig.from_official_args({"depth": 2, "embed_dim": 128, "num_heads": 2,
+                                        "attn_l2_norm": True, "cond_drop_rate": 0.0})
+    assert cfg.attn_l2_norm is True and cfg.cond_drop_rate == 0.0
 
 
 def test_remat_same_logits_and_grads():

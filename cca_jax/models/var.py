@@ -67,6 +67,10 @@ ATTN_BLOCK_ROWS = 64
 # config
 # --------------------------------------------------------------------------------------------
 
+# ``VAR.__init__`` defaults that differ from VARConfig's (the CCA/VAR recipe values)
+OFFICIAL_CTOR_DEFAULTS = {"attn_l2_norm": False, "cond_drop_rate": 0.1}
+
+
 @dataclasses.dataclass(frozen=True)
 class VARConfig(ScaleSchedule):
     """Hyper-parameters of the official ``VAR`` constructor plus ``init_weights``' arguments."""
@@ -82,7 +86,7 @@ class VARConfig(ScaleSchedule):
     norm_eps: float = 1e-6
     shared_aln: bool = False
     attn_l2_norm: bool = True
-    cond_drop_rate: float = 0.0  # label -> null class with this probability (train mode only)
+    cond_drop_rate: float = 0.0  # label -> null class with this probability (see VAR.__call__)
     drop_rate: float = 0.0  # dropout after attn proj and after the FFN
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # max stochastic depth; block i gets linspace(0, max, depth)[i]
@@ -146,9 +150,11 @@ class VARConfig(ScaleSchedule):
     def from_official_args(cls, var_args: Mapping[str, Any], vqvae_args: Mapping[str, Any] | None = None,
                            **overrides) -> "VARConfig":
         """From the official ``VAR(...)`` keyword arguments (fixture json ``var_args``) and the
-        VQVAE's (``vqvae_args``: vocab_size, z_channels) which fix V and Cvae."""
+        VQVAE's (``vqvae_args``: vocab_size, z_channels) which fix V and Cvae. Arguments left out
+        take the ``VAR.__init__`` defaults (``attn_l2_norm=False``, ``cond_drop_rate=0.1``), not
+        this class's recipe defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in var_args.items() if k in names}
+        kw = {**OFFICIAL_CTOR_DEFAULTS, **{k: v for k, v in var_args.items() if k in names}}
         if vqvae_args is not None:
             kw["vocab_size"] = int(vqvae_args["vocab_size"])
             kw["Cvae"] = int(vqvae_args["z_channels"])
@@ -444,7 +450,8 @@ class VAR(nn.Module):
         self.blocks = [block_cls(cfg, rate, self.dtype) for rate in cfg.drop_path_rates]
         self.head_nm = AdaLNBeforeHead(cfg)
         self.head = layers.dense(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype, use_bias=True,
-                                 kernel_init=_trunc_normal(std, cfg.init_head))
+                                 # official: a negative init_head leaves the head unscaled
+                                 kernel_init=_trunc_normal(std, cfg.init_head if cfg.init_head >= 0 else 1.0))
 
     # ---- pieces shared by both paths ----
     def _lvl_pos(self, begin: int, end: int) -> jax.Array:
@@ -466,9 +473,10 @@ class VAR(nn.Module):
     def __call__(self, label_B: jax.Array, x_BLCv_wo_first_l: jax.Array, train: bool = False) -> jax.Array:
         """``label_B [B]``, ``x_BLCv_wo_first_l [B, end-first_l, Cvae]`` -> logits ``[B, end, V]`` f32.
 
-        ``end`` is normally L; a prefix of whole scales is allowed. In train mode labels are
-        replaced by the null class with prob ``cond_drop_rate`` and drop path is active (both use
-        the ``'dropout'`` rng stream).
+        ``end`` is normally L; a prefix of whole scales is allowed. Labels are replaced by the null
+        class with prob ``cond_drop_rate`` whenever a ``'dropout'`` rng is given (train mode needs
+        one), and always at rate 1: the official ``VAR.forward`` drops labels in eval mode too. Drop
+        path is active in train mode only.
         """
         cfg = self.cfg
         B, n, cv = x_BLCv_wo_first_l.shape
@@ -477,7 +485,9 @@ class VAR(nn.Module):
             raise ValueError(f"VAR input has shape {x_BLCv_wo_first_l.shape}; expected [B, <= {cfg.L - cfg.first_l}, "
                              f"{cfg.Cvae}] (config.model.patch_nums / Cvae).")
         label_B = jnp.asarray(label_B, jnp.int32)
-        if train and cfg.cond_drop_rate > 0.0:
+        if cfg.cond_drop_rate >= 1.0:
+            label_B = jnp.full_like(label_B, cfg.num_classes)
+        elif cfg.cond_drop_rate > 0.0 and (train or self.has_rng("dropout")):
             drop = jax.random.uniform(self.make_rng("dropout"), (B,)) < cfg.cond_drop_rate
             label_B = jnp.where(drop, cfg.num_classes, label_B)
         cond_BD, cond = self._cond(label_B)

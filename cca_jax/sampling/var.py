@@ -71,10 +71,12 @@ def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int = 0, top_p: float = 0.0
     the largest.
 
     The removed top-p entries are a prefix of the ascending order, so they are removed by value
-    (below the first kept value) instead of scattering a mask back through an argsort; with
-    top-k on, only the k survivors are sorted (``lax.top_k``). Equal logits straddling the top-p
-    boundary are all kept (the official order among equal values is arbitrary). Only reductions
-    read the ``lax.top_k`` output: slicing it makes XLA:CPU fall back to a 3x slower sort.
+    (below the first kept value ``b``) instead of scattering a mask back through an argsort; with
+    top-k on, only the k survivors are sorted (``lax.top_k``). Equal logits straddling the
+    boundary are ordered by index, as a stable sort orders them (torch's sort is stable for the
+    small V where ties are likely): the lowest-index ones equal to ``b`` are removed first. Only
+    reductions read the ``lax.top_k`` output: slicing it makes XLA:CPU fall back to a 3x slower
+    sort.
     """
     logits = logits_BlV.astype(jnp.float32)
     V = logits.shape[-1]
@@ -97,8 +99,17 @@ def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int = 0, top_p: float = 0.0
             cum = cum + n_extra * jnp.exp(kth - m) / z
         n = asc.shape[-1]
         keep = (cum > 1.0 - top_p) | (jnp.arange(n) == n - 1)  # the largest always stays
-        first_kept = jnp.min(jnp.where(keep, asc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < first_kept, -jnp.inf, logits)
+        b = jnp.min(jnp.where(keep, asc, jnp.inf), axis=-1, keepdims=True)  # first kept value
+        # how many entries equal to b the stable ascending order puts before the boundary
+        cut_b = jnp.sum((asc == b) & ~keep, axis=-1, keepdims=True)
+        if n_extra is not None:  # the tied-with-kth values outside top_k come first (lumped)
+            thr = 1.0 - top_p
+            p_b = jnp.exp(b - m) / z
+            lead = jnp.minimum(n_extra, jnp.floor(thr / p_b)).astype(cut_b.dtype)
+            cut_b = cut_b + jnp.where((b == kth) & (n_extra > 0),
+                                      jnp.where(cut_b > 0, n_extra, lead), 0)
+        tie_rank = jnp.cumsum(logits == b, axis=-1) - 1  # index order among the entries equal to b
+        logits = jnp.where((logits < b) | ((logits == b) & (tie_rank < cut_b)), -jnp.inf, logits)
     return logits
 
 
