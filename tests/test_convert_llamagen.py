@@ -91,6 +91,11 @@ def test_mismatches_name_the_keys():
     extra = {**sd, "module.output.weight": sd["output.weight"]}
     with pytest.raises(common.CheckpointMismatchError, match=r"unexpected.*module\.output\.weight"):
         convert.from_state_dict(extra, cfg)
+    # the weights of a 4x4-grid model fit a 6x6 config; only a RoPE table in the file tells
+    rope = np.zeros((1 + cfg.block_size, cfg.head_dim // 2, 2), np.float32)
+    convert.from_state_dict({**sd, "freqs_cis": rope}, cfg)
+    with pytest.raises(common.CheckpointMismatchError, match=r"freqs_cis \(17, 8, 2\).*block_size"):
+        convert.from_state_dict({**sd, "freqs_cis": rope}, dataclasses.replace(cfg, block_size=36))
 
 
 def test_orbax_params_dir(tmp_path):

@@ -175,4 +175,6 @@ def save_torch_file(sd: Mapping[str, np.ndarray], path: str | os.PathLike, *, wr
     torch.save(obj, buf)
     dest = ckpt_lib.as_path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(buf.getvalue())
+    tmp = dest.parent / (dest.name + ".tmp")  # a killed export leaves no truncated .pt behind
+    tmp.write_bytes(buf.getvalue())
+    tmp.rename(dest)

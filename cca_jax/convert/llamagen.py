@@ -51,12 +51,29 @@ def _strip_ignored(sd: Mapping[str, Any]) -> dict[str, Any]:
             if k not in IGNORE_KEYS and not any(p in k for p in IGNORE_PATTERNS)}
 
 
+def _check_rope_table(sd: Mapping[str, Any], cfg: LlamaGenConfig) -> None:
+    """A ``freqs_cis`` entry is not loaded, but its shape ``[cls + block_size, head_dim/2, 2]`` is
+    the one place a file records its image size: every weight of a 256-px model has the shape of
+    the 384-px one's."""
+    if "freqs_cis" not in sd:
+        return
+    shape = tuple(np.shape(sd["freqs_cis"]))
+    want = (cfg.cls_token_num + cfg.block_size, cfg.head_dim // 2)
+    if len(shape) >= 2 and shape[:2] != want:
+        raise common.CheckpointMismatchError(
+            f"LlamaGen checkpoint: its RoPE table freqs_cis {shape} covers {shape[0]} positions "
+            f"({shape[1]} rotary pairs), the config {want[0]} ({want[1]}): the file is for another "
+            f"image size or head size. Check config.model.block_size (= (image_size/16)², now "
+            f"{cfg.block_size}) and the model size.")
+
+
 def from_state_dict(sd: Mapping[str, Any], cfg: LlamaGenConfig) -> dict:
     """Official state dict (numpy or torch values) -> params pytree (float32 numpy leaves).
 
     Strict: any missing, unexpected or mis-shaped key raises ``CheckpointMismatchError`` naming it
     (``freqs_cis`` and ``layers.*.attention.kv_cache.*`` buffers are ignored).
     """
+    _check_rope_table(sd, cfg)
     sd = common.to_numpy_state_dict(_strip_ignored(sd))
     common.check_state_dict(sd, expected_shapes(cfg), what="LlamaGen checkpoint")
     f32 = lambda a: np.asarray(a, np.float32)

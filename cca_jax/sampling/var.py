@@ -108,8 +108,14 @@ def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int = 0, top_p: float = 0.0
             lead = jnp.minimum(n_extra, jnp.floor(thr / p_b)).astype(cut_b.dtype)
             cut_b = cut_b + jnp.where((b == kth) & (n_extra > 0),
                                       jnp.where(cut_b > 0, n_extra, lead), 0)
-        tie_rank = jnp.cumsum(logits == b, axis=-1) - 1  # index order among the entries equal to b
-        logits = jnp.where((logits < b) | ((logits == b) & (tie_rank < cut_b)), -jnp.inf, logits)
+        logits = jnp.where(logits < b, -jnp.inf, logits)
+
+        def cut_ties(lg):  # index order among the entries equal to b
+            tie_rank = jnp.cumsum(lg == b, axis=-1) - 1
+            return jnp.where((lg == b) & (tie_rank < cut_b), -jnp.inf, lg)
+
+        # exact ties at the cut are rare in float logits: skip the extra pass over V without them
+        logits = jax.lax.cond(jnp.any(cut_b > 0), cut_ties, lambda lg: lg, logits)
     return logits
 
 
