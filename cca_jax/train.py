@@ -612,6 +612,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
         data.restore(restored.data_state)
         ref_params = trainer.reference_params(host_params, seed=seed) if need_ref else None
         logging.info("Resumed from step %d", restored.step)
+        for change in resume_config_changes(restored.metadata, config):
+            logging.warning("Resuming with a changed setting: %s", change)
     else:
         state, ref_params = trainer.init_state(host_params, seed=seed, with_reference=need_ref)
     aux = trainer.aux_global(family.make_aux(config, jax.random.key(seed + 2)))
@@ -741,6 +743,21 @@ def _mean_metrics(rows: list[dict]) -> dict:
         vals = np.asarray([r[k] for r in rows], np.float64)
         out[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
     return out
+
+
+# what the run's numbers depend on: a change there on resume is worth a warning
+RESUME_CHECKED = ("model.", "loss.", "optim.", "init.reference_checkpoint", "data.path", "seed")
+
+
+def resume_config_changes(saved: dict | None, config) -> list[str]:
+    """``"<field>: <saved> -> <now>"`` for every model/loss/optim field, reference checkpoint,
+    data path or seed that differs from the config snapshot of the checkpoint being resumed."""
+    if not saved:
+        return []
+    before = _flat_config(saved)
+    now = _flat_config(config)
+    keys = sorted(k for k in set(before) | set(now) if k.startswith(RESUME_CHECKED))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
 
 def _flat_config(config) -> dict:

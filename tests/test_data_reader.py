@@ -242,6 +242,12 @@ def test_truncated_and_corrupt_shards(dataset, tmp_path):
     out = store.read(np.asarray([N * V - 1]))
     assert isinstance(out[0], reader.BadDataError) and "has 3 records" in str(out[0])
 
+    gone = _copy(path, tmp_path / "gone")  # a missing shard stops the start, also in skip mode
+    os.remove(os.path.join(gone, meta["shards"][2]["file"]))
+    with pytest.raises(reader.BadDataError, match=rf"1 of the {len(meta['shards'])} shards .*missing"):
+        reader.make_dataset(_config(gone, views="all", on_bad_record="skip"), process_index=0,
+                            process_count=1, global_batch_size=N * V)
+
 
 def test_make_global_batch_on_eight_devices(dataset):
     path, *_ = dataset

@@ -596,3 +596,13 @@ def test_var_tokenizer_must_be_the_one_that_tokenized_the_shards(tmp_path):
         train.check_tokenizer_matches_data(c, data("0" * 64))
     c.data.tokenizer_checksum = "0" * 64  # an explicit checksum is the reader's business
     train.check_tokenizer_matches_data(c, data("0" * 64))
+
+
+def test_resume_names_changed_settings():
+    c = tiny_config()
+    saved = c.to_dict()
+    assert train.resume_config_changes(saved, c) == []
+    assert train.resume_config_changes({}, c) == []
+    c.loss.lambda_, c.optim.lr, c.train.log_every = 8.0, 3e-4, 7  # train.* is not checked
+    assert train.resume_config_changes(saved, c) == ["loss.lambda_: 4.0 -> 8.0",
+                                                     "optim.lr: 0.0001 -> 0.0003"]

@@ -152,8 +152,21 @@ class ShardStore:
             raise BadDataError(f"{path}/{writer.METADATA_FILE}: shard record counts sum to "
                                f"{counts.sum()}, metadata says num_records={self.num_records}.")
         self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self._check_files_exist()
         self._readers: dict[int, Any] = {}
         self._lock = threading.Lock()
+
+    def _check_files_exist(self) -> None:
+        """A missing shard is a setup error, found at start-up rather than hours into a run (and
+        not skipped as bad records under ``on_bad_record='skip'``)."""
+        from etils import epath
+        present = {p.name for p in epath.Path(self.path).iterdir()}
+        missing = [f for f in self.files if f not in present]
+        if missing:
+            raise BadDataError(
+                f"{len(missing)} of the {len(self.files)} shards listed in {self.path}/"
+                f"{writer.METADATA_FILE} are missing (e.g. {missing[:3]}); copy them back or re-run "
+                "the tokenize job, which writes the missing shards.")
 
     def locate(self, rid: int) -> tuple[str, int]:
         k = int(np.searchsorted(self.starts, rid, side="right") - 1)
@@ -234,6 +247,18 @@ class SyntheticStore:
         self.path = "synthetic"
         self.meta = {"vocab_size": self.vocab_size, "tokens_per_example": self.tokens_per_example,
                      "num_classes": self.num_classes, "num_images": self.num_images}
+
+    def _check_files_exist(self) -> None:
+        """A missing shard is a setup error, found at start-up rather than hours into a run (and
+        not skipped as bad records under ``on_bad_record='skip'``)."""
+        from etils import epath
+        present = {p.name for p in epath.Path(self.path).iterdir()}
+        missing = [f for f in self.files if f not in present]
+        if missing:
+            raise BadDataError(
+                f"{len(missing)} of the {len(self.files)} shards listed in {self.path}/"
+                f"{writer.METADATA_FILE} are missing (e.g. {missing[:3]}); copy them back or re-run "
+                "the tokenize job, which writes the missing shards.")
 
     def locate(self, rid: int) -> tuple[str, int]:
         return "synthetic", int(rid)
