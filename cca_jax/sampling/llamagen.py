@@ -117,7 +117,9 @@ def generate_fn(cfg: lg.LlamaGenConfig, opts: SampleOptions = SampleOptions(), *
     caller can jit it with its own shardings.
 
     num_tokens: N (default ``cfg.block_size``; fewer gives a prefix of the raster).
-    dtype: compute dtype of the model and the KV cache.
+    dtype: compute dtype of the matmuls and the KV cache. Embeddings, norms and the residual
+      stream stay float32 (autocast's split); the official bf16 sampler casts the whole model, so
+      bf16 samples here are close to its bf16 samples, not bit-equal. float32 matches its fp32 run.
     """
     N = cfg.block_size if num_tokens is None else int(num_tokens)
     if not 1 <= N <= cfg.block_size:
