@@ -248,18 +248,6 @@ class SyntheticStore:
         self.meta = {"vocab_size": self.vocab_size, "tokens_per_example": self.tokens_per_example,
                      "num_classes": self.num_classes, "num_images": self.num_images}
 
-    def _check_files_exist(self) -> None:
-        """A missing shard is a setup error, found at start-up rather than hours into a run (and
-        not skipped as bad records under ``on_bad_record='skip'``)."""
-        from etils import epath
-        present = {p.name for p in epath.Path(self.path).iterdir()}
-        missing = [f for f in self.files if f not in present]
-        if missing:
-            raise BadDataError(
-                f"{len(missing)} of the {len(self.files)} shards listed in {self.path}/"
-                f"{writer.METADATA_FILE} are missing (e.g. {missing[:3]}); copy them back or re-run "
-                "the tokenize job, which writes the missing shards.")
-
     def locate(self, rid: int) -> tuple[str, int]:
         return "synthetic", int(rid)
 
