@@ -141,3 +141,17 @@ def test_gs_urls_are_read_and_written_through_epath(tmp_path, monkeypatch):
     assert "gs://b/llamagen/params" in seen
     with pytest.raises(FileNotFoundError, match="gs://b/missing.pt"):
         convert.load_checkpoint("gs://b/missing.pt", cfg)
+
+
+def test_official_layout_per_size():
+    # the FSDP-trained sizes ship bare state dicts, the others {"model": sd} (spec §7.2)
+    from configs import llamagen_common
+    for size in ("B", "L", "XL", "XXL", "3B"):
+        cfg = lg.LlamaGenConfig.from_config(llamagen_common.model_config(size, 384))
+        want = None if size in llamagen_common.FSDP_SIZES else "model"
+        assert convert.official_wrap(cfg) == want, size
+    from cca_jax.convert import job
+    xxl = lg.LlamaGenConfig.from_config(llamagen_common.model_config("XXL", 384))
+    fam = job.MODEL_FAMILIES["llamagen"]
+    assert job._resolve_wrap("auto", fam, xxl) is None
+    assert job._resolve_wrap("model", fam, xxl) == "model"  # an explicit setting wins

@@ -10,7 +10,8 @@
     so ``load_params`` / the converters' ``load_checkpoint`` / the samplers read them back.
 ``config.convert.direction == "to_official"``
     The model params (an Orbax params dir, or a train workdir: the params of its latest
-    checkpoint) -> ``DIR/model.pt`` (LlamaGen, ``{"model": sd}``) or ``DIR/model.pth`` (VAR, bare),
+    checkpoint) -> ``DIR/model.pt`` (LlamaGen: ``{"model": sd}``, or bare for XXL/XXXL/3B like
+    their official files) or ``DIR/model.pth`` (VAR, bare),
     loadable by the official code with ``load_state_dict(strict=True)``; the tokenizer likewise
     -> ``DIR/tokenizer.pt`` / ``tokenizer.pth``. ``config.convert.wrap`` overrides the layout.
 
@@ -140,9 +141,10 @@ def _write_official(sd: dict, dest, wrap: str | None) -> None:
         ckpt.as_path(local).copy(dest, overwrite=True)
 
 
-def _resolve_wrap(setting: str, fam: Family) -> str | None:
-    if setting == "auto":
-        return fam.wrap
+def _resolve_wrap(setting: str, fam: Family, fcfg: Any) -> str | None:
+    if setting == "auto":  # the converter knows the official layout per size (LlamaGen XXL/3B: bare)
+        by_size = getattr(fam.module(), "official_wrap", None)
+        return by_size(fcfg) if by_size is not None else fam.wrap
     if setting in ("none", ""):
         return None
     return setting
@@ -196,7 +198,7 @@ def run(config, workdir: str) -> dict[str, str]:
         elif jax.process_index() == 0:
             if sd is None:
                 sd = fam.module().to_state_dict(params, fcfg)
-            _write_official(sd, dest, _resolve_wrap(config.convert.wrap, fam))
+            _write_official(sd, dest, _resolve_wrap(config.convert.wrap, fam, fcfg))
         written[section] = os.fspath(dest)
     for section, path in written.items():
         logging.info("convert: wrote %s %s", section, path)

@@ -21,6 +21,17 @@ from cca_jax.models.llamagen import LlamaGenConfig
 IGNORE_KEYS = ("freqs_cis",)
 IGNORE_PATTERNS = (".attention.kv_cache.",)
 
+# (n_layer, n_head, dim) of the sizes the official code trains with FSDP: their files (c2i_XXL_384,
+# c2i_3B_384 and the CCA fine-tunes of them) are bare state dicts, the others {"model": sd}
+FSDP_ARCHITECTURES = {(48, 24, 1536): "XXL", (48, 40, 2560): "XXXL", (24, 32, 3200): "3B"}
+
+
+def official_wrap(cfg: LlamaGenConfig) -> Optional[str]:
+    """The layout of the official files of this architecture: None (bare) for XXL/XXXL/3B,
+    ``"model"`` otherwise (spec llamagen.md §7.2)."""
+    return None if (cfg.n_layer, cfg.n_head, cfg.dim) in FSDP_ARCHITECTURES else "model"
+
+
 _LINEARS = (("attention", "wqkv"), ("attention", "wo"),
             ("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3"))
 _NORMS = ("attention_norm", "ffn_norm")
@@ -140,7 +151,8 @@ def load_checkpoint(path: str | os.PathLike, cfg: LlamaGenConfig) -> dict:
 
 
 def save_official(params: Mapping[str, Any], cfg: LlamaGenConfig, path: str | os.PathLike, *,
-                  wrap: Optional[str] = "model") -> None:
-    """Writes ``params`` as an official file: ``{"model": sd}`` (DDP layout, default) or the bare
-    state dict (``wrap=None``, FSDP / XXL / 3B layout)."""
+                  wrap: Optional[str] = "auto") -> None:
+    """Writes ``params`` as an official file: ``{"model": sd}`` (DDP layout) or the bare state dict
+    (``wrap=None``, FSDP layout); ``"auto"``: the layout of this size's official files."""
+    wrap = official_wrap(cfg) if wrap == "auto" else wrap
     common.save_torch_file(to_state_dict(params, cfg), path, wrap=wrap)
