@@ -17,9 +17,9 @@ where T = 2B·L tokens and N the parameters in per-token matmuls (transformer bl
 embedding tables and VAR's per-sample AdaLN projections excluded); attention counts the full
 L×L score matrix. The ratio is to a matmul peak measured on the same devices right after the
 step (a jitted 4096² float32 matmul, per device; with ``--dtype bfloat16`` also the bf16 x bf16 ->
-float32 peak, which on a CPU with AVX-512 BF16 is about twice the float32 one). Every figure is given twice: from wall time,
-and from this process's CPU time divided by the cores (robust when other processes share the
-machine; the two agree on an idle one).
+float32 peak, which on a CPU with AVX-512 BF16 is about twice the float32 one). Every figure is
+given twice: from wall time, and from this process's CPU time divided by the cores (robust when
+other processes share the machine; the two agree on an idle one).
 
 Official PyTorch step on this 2-core CPU (fp32, from the issue): BENCH-LLAMAGEN 4.3 s
 (≈ 476 tokens/s, 0.68 of peak); BENCH-VAR 14.8 s (≈ 368 tokens/s, 6.7 s of it re-encoding images

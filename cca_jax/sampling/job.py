@@ -52,12 +52,10 @@ class ImageSampler:
 
 # ------------------------------------------------------------------------------ model loading
 
-def load_model_params(config, workdir: str, family: families.Family, *, with_source: bool = False):
-    """Params from ``config.sample.checkpoint`` (official file or Orbax params dir), else the newest
-    train checkpoint in ``workdir`` (else ``config.init.reference_checkpoint``).
-
-    with_source: also return a one-line description of where they came from.
-    """
+def load_model_params(config, workdir: str, family: families.Family) -> tuple[Any, str]:
+    """``(params, where they came from)``: from ``config.sample.checkpoint`` (official file or Orbax
+    params dir), else the newest train checkpoint in ``workdir`` (else
+    ``config.init.reference_checkpoint``)."""
     if config.sample.checkpoint:
         path = config.sample.checkpoint
         params, source = family.load_params(path), f"file {path}"
@@ -71,7 +69,7 @@ def load_model_params(config, workdir: str, family: families.Family, *, with_sou
     else:
         raise ValueError("Nothing to sample from: set config.sample.checkpoint (an Orbax params dir or an "
                          "official .pt/.pth file), or point --workdir at a training run.")
-    return (params, source) if with_source else params
+    return params, source
 
 
 def _tokenizer_path(config) -> str:
@@ -82,8 +80,7 @@ def _tokenizer_path(config) -> str:
     return path
 
 
-def llamagen_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bool = True
-                     ) -> ImageSampler:
+def llamagen_sampler(config, tokenizer_params=None) -> ImageSampler:
     from cca_jax import resample
     from cca_jax.convert import vq16 as vq16_conv
     from cca_jax.models import vq16
@@ -107,14 +104,10 @@ def llamagen_sampler(config, workdir: str, tokenizer_params=None, *, with_params
             return resample.llamagen_eval_uint8(img, None)
         return resample.llamagen_eval_uint8(img, eval_size)
 
-    params, source = (load_model_params(config, workdir, family, with_source=True) if with_params
-                      else (None, ""))
-    return ImageSampler(generate, params, tokenizer_params, cfg.num_classes, family.abstract_params(),
-                        source)
+    return ImageSampler(generate, None, tokenizer_params, cfg.num_classes, family.abstract_params())
 
 
-def var_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bool = True
-                ) -> ImageSampler:
+def var_sampler(config, tokenizer_params=None) -> ImageSampler:
     from cca_jax.convert import vqvae as vq_conv
     from cca_jax.models import vqvae
     from cca_jax.sampling import var as vs
@@ -130,10 +123,8 @@ def var_sampler(config, workdir: str, tokenizer_params=None, *, with_params: boo
         # official: x·255 then a truncating cast (utils/misc + VAR_sample.py)
         return jnp.clip(img * 255.0, 0.0, 255.0).astype(jnp.uint8)
 
-    params, source = (load_model_params(config, workdir, family, with_source=True) if with_params
-                      else (None, ""))
-    return ImageSampler(generate, params, tokenizer_params, family.num_classes,
-                        family.abstract_params(), source)
+    return ImageSampler(generate, None, tokenizer_params, family.num_classes,
+                        family.abstract_params())
 
 
 SAMPLERS = {"llamagen": llamagen_sampler, "var": var_sampler}
@@ -146,7 +137,10 @@ def make_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bo
     fam = config.model.get("family", "")
     if fam not in SAMPLERS:
         raise ValueError(f"config.model.family={fam!r}; expected one of {sorted(SAMPLERS)}.")
-    return SAMPLERS[fam](config, workdir, tokenizer_params, with_params=with_params)
+    sampler = SAMPLERS[fam](config, tokenizer_params)
+    if with_params:
+        sampler.params, sampler.source = load_model_params(config, workdir, families.from_config(config))
+    return sampler
 
 
 # ------------------------------------------------------------------------------------ labels
