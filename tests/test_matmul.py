@@ -145,3 +145,29 @@ def test_float32_products_ask_for_full_precision():
     q = jnp.ones((2, 4, 3, 8))
     text = jax.jit(lambda a, b: matmul.einsum("blhd,bshd->bhls", a, b)).lower(q, q).as_text()
     assert "HIGHEST" in text
+
+
+@pytest.mark.parametrize("x_shape,k_shape,in_axes,spec", [
+    ((2, 5, 16), (16, 24), 1, "...i,io->...o"),
+    ((3, 4, 6), (4, 6, 10), 2, "...ab,abc->...c"),
+    ((2, 5, 16), (16, 3, 8), 1, "...i,ihd->...hd"),
+    ((16,), (16, 4), 1, "i,io->o"),
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_is_the_einsum_over_trailing_axes(x_shape, k_shape, in_axes, spec, dtype):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    k = jax.random.normal(jax.random.key(1), k_shape)
+    w = jax.random.normal(jax.random.key(2), jnp.einsum(spec, x, k).shape)
+    f = lambda x, k: jnp.sum(w * matmul.dense(x, k, in_axes=in_axes, dtype=dtype))
+    g = lambda x, k: jnp.sum(w * matmul.einsum(spec, x, k, dtype=dtype))
+    assert matmul.dense(x, k, in_axes=in_axes, dtype=dtype).shape == jnp.einsum(spec, x, k).shape
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(f(x, k), g(x, k), rtol=tol, atol=tol)
+    for a, b in zip(jax.grad(f, (0, 1))(x, k), jax.grad(g, (0, 1))(x, k)):
+        assert a.dtype == b.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_dense_rejects_mismatched_input_axes():
+    with pytest.raises(ValueError, match=r"input axes \(5, 16\) do not match the kernel's \(4, 16\)"):
+        matmul.dense(jnp.ones((2, 5, 16)), jnp.ones((4, 16, 3)), in_axes=2)

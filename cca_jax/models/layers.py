@@ -32,7 +32,7 @@ def normal_init(stddev: float) -> Initializer:
 
 class Dense(nn.Module):
     """``y = x @ kernel (+ bias)`` over the last axis: kernel ``[C_in, C_out]``, bias ``[C_out]``
-    (the parameter names and shapes of ``nn.Dense``), computed by :func:`matmul.einsum` in
+    (the parameter names and shapes of ``nn.Dense``), computed by :func:`matmul.dense` in
     ``dtype`` with float32 accumulation; parameters stay ``param_dtype``."""
 
     features: int
@@ -45,7 +45,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        y = matmul.einsum("...i,io->...o", x, kernel, dtype=self.dtype)
+        y = matmul.dense(x, kernel, dtype=self.dtype)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return y

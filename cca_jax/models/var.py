@@ -246,9 +246,7 @@ class HeadsDense(nn.Module):
         in_shape = x.shape[x.ndim - self.in_axes:]
         kernel = self.param("kernel", self.kernel_init, tuple(in_shape) + tuple(self.features),
                             jnp.float32)
-        letters = "abcdefgh"
-        ins, outs = letters[:self.in_axes], letters[self.in_axes:self.in_axes + len(self.features)]
-        y = matmul.einsum(f"...{ins},{ins}{outs}->...{outs}", x, kernel, dtype=self.dtype)
+        y = matmul.dense(x, kernel, in_axes=self.in_axes, dtype=self.dtype)
         if self.bias_init is not None:
             y = y + self.param("bias", self.bias_init, tuple(self.features), jnp.float32).astype(self.dtype)
         return y
