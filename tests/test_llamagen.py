@@ -304,3 +304,25 @@ def test_sharded_init_and_forward_match_unsharded():
     with sharding.use_mesh(mesh):
         out = jax.jit(lambda p, c, t: model.apply({"params": p}, c, t))(params, labels, tokens[:, :-1])
     np.testing.assert_allclose(np.asarray(out), forward(model, ref, labels, tokens[:, :-1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("first_slot,steps,block_len", [(0, (1, 16), 8), (0, (1, 256), 56),
+                                                         (3, (0, 10), 4), (0, (5, 6), 8)])
+def test_decode_segments_put_every_step_in_its_block(first_slot, steps, block_len):
+    segs = lg.decode_segments(first_slot, steps, block_len)
+    covered = [i for lo, hi, _ in segs for i in range(lo, hi)]
+    assert covered == list(range(*steps))
+    for lo, hi, active in segs:
+        assert all((first_slot + i) // block_len == active - 1 for i in range(lo, hi))
+
+
+def test_blocked_cache_writes_only_its_active_block():
+    cache = lg.BlockedKVCache.zeros(2, 20, 1, 4, block_len=8)
+    assert len(cache.blocks) == 3 and cache.max_len == 8
+    kv = jnp.ones((2, 1, 1, 4))
+    c = cache.with_active(2).update(kv, 2 * kv, 9)  # position 9 = slot 1 of block 1
+    assert c.max_len == 16 and len(c.kv_blocks()) == 2
+    assert float(jnp.sum(c.blocks[0].k)) == 0 and float(jnp.sum(c.blocks[2].k)) == 0
+    np.testing.assert_array_equal(np.asarray(c.blocks[1].v[:, 0, 1]), 2 * np.ones((2, 4)))
+    with pytest.raises(ValueError, match="active=4 blocks; the cache has 3"):
+        cache.with_active(4)

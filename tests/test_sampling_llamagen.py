@@ -50,6 +50,36 @@ def test_cached_generation_equals_full_recompute():
     assert len(np.unique(np.asarray(tok_c))) > 3  # not a degenerate constant sequence
 
 
+
+@pytest.mark.parametrize("block_len", [8, 16])
+def test_blocked_cache_generation_equals_one_static_cache(block_len):
+    opts = sampler.SampleOptions(cfg_scale=2.0, temperature=0.8, top_k=30)
+    cfg = dataclasses.replace(TINY, n_kv_head=2)
+    params = random_params(cfg, sigma=0.2)
+    labels = jnp.array([2, 5, 9], jnp.int32)
+    gen = lambda blk: sampler.generate(params, labels, jax.random.key(3), cfg=cfg, opts=opts,
+                                       return_logits=True, cache_block_len=blk)
+    (tok_b, log_b), (tok_1, log_1) = gen(block_len), gen(0)
+    np.testing.assert_array_equal(np.asarray(tok_b), np.asarray(tok_1))
+    np.testing.assert_allclose(np.asarray(log_b), np.asarray(log_1), atol=1e-5, rtol=0)
+    # the blocked run really decodes block by block: one loop per block, each reading a prefix
+    jaxpr = lambda blk: str(jax.make_jaxpr(sampler.generate_fn(cfg, opts, cache_block_len=blk))(
+        params, labels, jax.random.key(0)))
+    text, text_1 = jaxpr(block_len), jaxpr(0)
+    used_blocks = -(-cfg.block_size // block_len)  # the slots of the class and N - 1 inputs
+    assert text.count("scan[") - text_1.count("scan[") == used_blocks - 1
+    assert f"f32[6,{cfg.kv_heads},{block_len},{cfg.head_dim}]" in text
+    assert f"f32[6,{cfg.kv_heads},{cfg.cache_len},{cfg.head_dim}]" not in text
+
+
+def test_default_cache_block_len():
+    assert sampler.default_cache_block_len(24) == 0  # short caches stay one block
+    assert sampler.default_cache_block_len(264) == 56  # BENCH-LLAMAGEN: 5 blocks
+    for max_len in (128, 264, 584, 1032):
+        blk = sampler.default_cache_block_len(max_len)
+        assert blk % 8 == 0 and 0 < blk <= 64 + 8
+        assert -(-max_len // blk) * blk - max_len < blk  # no empty trailing block
+
 def test_guidance_free_runs_no_doubled_batch():
     cfg = TINY
     params = lg.init_params(cfg, jax.random.key(0))

@@ -56,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--recompute_steps", type=int, default=8)
     ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--cache_block_len", type=int, default=None,
+                    help="KV cache block length (default: the sampler's choice; 0 = one block)")
     args = ap.parse_args(argv)
 
     cfg = BENCH_LLAMAGEN
@@ -71,14 +73,17 @@ def main(argv=None):
 
     params = make_params(jax.random.key(0))
     labels = jax.random.randint(jax.random.key(1), (B,), 0, cfg.num_classes)
+    blk = (sampler.default_cache_block_len(cfg.cache_len) if args.cache_block_len is None
+           else args.cache_block_len)
     print(f"BENCH-LLAMAGEN dim={cfg.dim} layers={cfg.n_layer} heads={cfg.n_head} vocab={cfg.vocab_size} "
           f"tokens={N} batch={B} dtype={args.dtype} devices={jax.devices()[0].platform}x"
-          f"{jax.device_count()} params={lg.param_count(cfg):,}")
+          f"{jax.device_count()} params={lg.param_count(cfg):,} cache_block_len={blk}")
 
     results = {}
     for name, scale in (("guidance-free", 1.0), ("cfg4", 4.0)):
         opts = sampler.SampleOptions(cfg_scale=scale, top_k=args.top_k)
-        fn = lambda: sampler.generate(params, labels, jax.random.key(2), cfg=cfg, opts=opts, dtype=dtype)
+        fn = lambda: sampler.generate(params, labels, jax.random.key(2), cfg=cfg, opts=opts, dtype=dtype,
+                                      cache_block_len=args.cache_block_len)
         first, secs, cpu = _time(fn, args.reps)
         results[name] = secs
         off = OFFICIAL_SECONDS[name]

@@ -33,25 +33,47 @@ def attend(q_BLHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, *,
       ``[B, H, L, S]`` (VAR scales each head separately and passes its scale in q instead).
     Logits and softmax are computed in float32 whatever the activation dtype.
     """
+    return attend_kv_blocks(q_BLHD, ((k_BSKD, v_BSKD),), mask=mask, scale=scale,
+                            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                            deterministic=deterministic)
+
+
+def attend_kv_blocks(q_BLHD: jax.Array, kv_blocks: Sequence[tuple[jax.Array, jax.Array]], *,
+                     mask: Optional[jax.Array] = None, scale: jax.Array | float | None = None,
+                     dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+                     deterministic: bool = True) -> jax.Array:
+    """:func:`attend` over keys/values held in consecutive blocks ``((k_j, v_j) [B, S_j, K, D],
+    ...)``: the result of attending to their concatenation along ``S`` (``mask`` and ``scale``
+    are over that concatenation, ``S = sum S_j``), without ever concatenating them. Decoding uses
+    it to read only the filled blocks of a blocked KV cache; the softmax is one float32 softmax
+    over all blocks' logits (small: ``[B, H, L, S]``), then each block's values are mixed and
+    the partial results summed.
+    """
     B, L, H, D = q_BLHD.shape
-    K = k_BSKD.shape[2]
+    K = kv_blocks[0][0].shape[2]
     if H % K:
         raise ValueError(f"{H} query heads are not a multiple of {K} key/value heads.")
     if K != H:  # GQA: each key/value head serves H // K consecutive query heads
-        k_BSKD = jnp.repeat(k_BSKD, H // K, axis=2)
-        v_BSKD = jnp.repeat(v_BSKD, H // K, axis=2)
+        kv_blocks = [(jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2))
+                     for k, v in kv_blocks]
     if scale is None:
         scale = 1.0 / jnp.sqrt(jnp.float32(D))
-    logits_BHLS = matmul.einsum("blhd,bshd->bhls", q_BLHD, k_BSKD, dtype=q_BLHD.dtype,
-                                out_dtype=jnp.float32) * scale
+    logits = [matmul.einsum("blhd,bshd->bhls", q_BLHD, k, dtype=q_BLHD.dtype, out_dtype=jnp.float32)
+              for k, _ in kv_blocks]
+    logits_BHLS = (logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=-1)) * scale
     if mask is not None:
         logits_BHLS = jnp.where(mask, logits_BHLS, jnp.finfo(jnp.float32).min)
     probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1)
     if dropout_rate > 0.0 and not deterministic:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BHLS.shape)
         probs_BHLS = jnp.where(keep, probs_BHLS / (1.0 - dropout_rate), 0.0)
-    out = matmul.einsum("bhls,bshd->blhd", probs_BHLS, v_BSKD, dtype=v_BSKD.dtype,
-                        out_dtype=q_BLHD.dtype)
+    out, begin = None, 0
+    for _, v in kv_blocks:
+        S = v.shape[1]
+        p = probs_BHLS if len(kv_blocks) == 1 else probs_BHLS[..., begin:begin + S]
+        part = matmul.einsum("bhls,bshd->blhd", p, v, dtype=v.dtype, out_dtype=q_BLHD.dtype)
+        out = part if out is None else out + part
+        begin += S
     return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
 
 
@@ -118,6 +140,10 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[1]
+
+    def kv_blocks(self) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """The cache as :func:`attend_kv_blocks` reads it: ``((k, v) [B, S, K, D],)``."""
+        return ((self.k, self.v),)
 
     def update(self, k_BLKD: jax.Array, v_BLKD: jax.Array, index: jax.Array | int) -> "KVCache":
         """Writes ``L`` new positions starting at (traced) ``index``."""
