@@ -2,8 +2,11 @@
 
 import dataclasses
 
+import pytest
+
 from cca_jax.bench import attention as attn_bench
 from cca_jax.bench import decode_roofline
+from cca_jax.bench import filter as filter_bench
 from cca_jax.models import llamagen as lg
 
 
@@ -18,6 +21,15 @@ def test_decode_roofline_counts_kernels_and_cache():
     assert flops == 2 * 3 * w / 4 + 2 * c / 4
     w2, c2, _ = decode_roofline.step_cost(dataclasses.replace(cfg), rows=6)
     assert w2 == w and c2 == 2 * c  # CFG doubles the cache traffic only
+    _, c8, _ = decode_roofline.step_cost(cfg, rows=3, block_len=8)
+    # steps 1..7 read block 0 (8 slots), steps 8..15 blocks 0-1 (16 slots)
+    assert c8 == pytest.approx(c / S * (7 * 8 + 8 * 16) / 15, rel=1e-12)
+
+
+def test_filter_bench_runs(capsys):
+    filter_bench.main(["--rows", "4", "--vocab", "64", "--k", "9", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert out.count("(equal to lax.top_k: True)") == 3 and "top-p 0.96 filter" in out
 
 
 def test_attention_bench_runs(capsys):

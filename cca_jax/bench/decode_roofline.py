@@ -1,7 +1,8 @@
 """What bounds a LlamaGen KV-cached decode step here: ``python -m cca_jax.bench.decode_roofline``.
 
 A decode step of BENCH-LLAMAGEN (dim 512, 8 layers, vocab 16384, static cache of 264 slots)
-multiplies a few rows by every weight matrix and reads every layer's whole cache, so it moves
+multiplies a few rows by every weight matrix and reads every layer's cache (the blocks written so
+far: ``S`` is the average number of slots read per step), so it moves
 
     bytes(B) = 4 · (N_matmul + 2 · n_layer · B · S · dim)      (float32)
     FLOPs(B) = 2 · B · N_matmul + 4 · n_layer · B · S · dim
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from cca_jax.bench.sample_llamagen import BENCH_LLAMAGEN
 from cca_jax.models import llamagen as lg
+from cca_jax.sampling import llamagen as sampler
 
 
 def _best_seconds(fn, *args, reps: int = 3) -> float:
@@ -63,12 +65,17 @@ def matmul_peak(n: int = 4096) -> float:
     return 2.0 * n ** 3 / _best_seconds(jax.jit(lambda x, y: x @ y), a, a)
 
 
-def step_cost(cfg: lg.LlamaGenConfig, rows: int) -> tuple[float, float, float]:
-    """(weight bytes, cache bytes, FLOPs) of one decode step over ``rows`` sequences."""
+def step_cost(cfg: lg.LlamaGenConfig, rows: int, block_len: int = 0) -> tuple[float, float, float]:
+    """(weight bytes, cache bytes, FLOPs) of one decode step over ``rows`` sequences, averaged
+    over a generation when the cache is read by blocks of ``block_len`` slots (0: one block,
+    every step reads all of it)."""
     leaves = jax.tree_util.tree_flatten_with_path(lg.param_shapes(cfg))[0]
     n_matmul = sum(x.shape[0] * x.shape[1] for path, x in leaves  # kernels; tables are gathered
                    if x.ndim == 2 and "embedding" not in jax.tree_util.keystr(path))
-    S = lg.find_multiple(cfg.cls_token_num + cfg.block_size, 8)
+    S = float(lg.find_multiple(cfg.cls_token_num + cfg.block_size, 8))
+    if block_len:
+        segments = lg.decode_segments(cfg.cls_token_num - 1, (1, cfg.block_size), block_len)
+        S = sum((hi - lo) * active * block_len for lo, hi, active in segments) / (cfg.block_size - 1)
     cache = 2 * cfg.n_layer * rows * S * cfg.dim
     return 4.0 * n_matmul, 4.0 * cache, 2.0 * rows * n_matmul + 2.0 * cache
 
@@ -86,8 +93,11 @@ def main(argv=None) -> None:
           f"weight streaming {stream[B] / 1e9:.1f} GB/s ({B} rows) / {stream[2 * B] / 1e9:.1f} GB/s "
           f"({2 * B} rows), square matmul {peak / 1e9:.0f} GFLOP/s")
     times = {}
+    blk = sampler.default_cache_block_len(cfg.cache_len)
+    print(f"  cache read by blocks of {blk} slots (the sampler's default): on average "
+          f"{step_cost(cfg, 1, blk)[1] / step_cost(cfg, 1)[1]:.0%} of it per step")
     for name, rows in (("guidance-free", B), ("CFG", 2 * B)):
-        w, c, flops = step_cost(cfg, rows)
+        w, c, flops = step_cost(cfg, rows, blk)
         t_read, t_stream, t_flop = (w + c) / read, (w + c) / stream[rows], flops / peak
         times[name] = (t_read, t_stream)
         print(f"  {name:13s} {rows:3d} rows: weights {w / 1e6:.0f} MB + cache {c / 1e6:.0f} MB, "

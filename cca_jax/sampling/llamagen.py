@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from cca_jax.models import llamagen as lg
+from cca_jax.sampling import select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +65,7 @@ def top_k_top_p_filter(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0)
     V = logits_BV.shape[-1]
     if top_k > 0:
         k = min(max(int(top_k), 1), V)
-        kth = jax.lax.top_k(logits_BV, k)[0][..., -1:]
-        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+        logits_BV = jnp.where(logits_BV < select.kth_largest(logits_BV, k), -jnp.inf, logits_BV)
     if top_p < 1.0:
         order = jnp.argsort(-logits_BV, axis=-1)
         sorted_l = jnp.take_along_axis(logits_BV, order, axis=-1)

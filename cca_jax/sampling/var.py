@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from cca_jax.models import vqvae
 from cca_jax.models.var import VAR, VARConfig, init_cache
+from cca_jax.sampling import select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,45 +71,26 @@ def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int = 0, top_p: float = 0.0
     sort ascending, remove entries whose cumulative softmax mass is <= 1 - top_p, always keep
     the largest.
 
-    The removed top-p entries are a prefix of the ascending order, so they are removed by value
-    (below the first kept value ``b``) instead of scattering a mask back through an argsort; with
-    top-k on, only the k survivors are sorted (``lax.top_k``). Equal logits straddling the
-    boundary are ordered by index, as a stable sort orders them (torch's sort is stable for the
-    small V where ties are likely): the lowest-index ones equal to ``b`` are removed first. Only
-    reductions read the ``lax.top_k`` output: slicing it makes XLA:CPU fall back to a 3x slower
-    sort.
+    Nothing is sorted (:mod:`cca_jax.sampling.select`): the k-th largest logit and the first value
+    ``b`` the nucleus keeps are found by bitwise searches, and the removed entries are those below
+    ``b``. Equal logits at ``b`` are ordered by index, as a stable sort orders them (torch's sort is
+    stable for the small V where ties are likely): of the ``n`` entries equal to ``b``, the
+    ``floor((1 - top_p - mass below b) / p(b))`` lowest-index ones are removed (at most ``n - 1``).
     """
     logits = logits_BlV.astype(jnp.float32)
     V = logits.shape[-1]
-    n_extra = kth = None
     if 0 < top_k < V:
-        vals = jax.lax.top_k(logits, top_k)[0]  # descending
-        kth = jnp.min(vals, axis=-1, keepdims=True)
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-        if top_p > 0:
-            asc = vals[..., ::-1]
-            # values tied with the k-th that lax.top_k left out still carry probability mass
-            n_extra = jnp.sum(logits == kth, -1, keepdims=True) - jnp.sum(vals == kth, -1, keepdims=True)
-    elif top_p > 0:
-        asc = jnp.sort(logits, axis=-1)
+        logits = jnp.where(logits < select.kth_largest(logits, top_k), -jnp.inf, logits)
     if top_p > 0:
         m = jnp.max(logits, axis=-1, keepdims=True)
-        z = jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)
-        cum = jnp.cumsum(jnp.exp(asc - m) / z, axis=-1)
-        if n_extra is not None:
-            cum = cum + n_extra * jnp.exp(kth - m) / z
-        n = asc.shape[-1]
-        keep = (cum > 1.0 - top_p) | (jnp.arange(n) == n - 1)  # the largest always stays
-        b = jnp.min(jnp.where(keep, asc, jnp.inf), axis=-1, keepdims=True)  # first kept value
-        # how many entries equal to b the stable ascending order puts before the boundary
-        cut_b = jnp.sum((asc == b) & ~keep, axis=-1, keepdims=True)
-        if n_extra is not None:  # the tied-with-kth values outside top_k come first (lumped)
-            thr = 1.0 - top_p
-            p_b = jnp.exp(b - m) / z
-            lead = jnp.minimum(n_extra, jnp.floor(thr / p_b)).astype(cut_b.dtype)
-            cut_b = cut_b + jnp.where((b == kth) & (n_extra > 0),
-                                      jnp.where(cut_b > 0, n_extra, lead), 0)
+        e = jnp.exp(logits - m)
+        z = jnp.sum(e, axis=-1, keepdims=True)
+        thr = 1.0 - top_p
+        b = select.mass_cut(logits, e / z, thr)
+        below = jnp.sum(jnp.where(logits < b, e, 0.0), axis=-1, keepdims=True) / z
         logits = jnp.where(logits < b, -jnp.inf, logits)
+        n_b = jnp.sum(logits == b, axis=-1, keepdims=True)
+        cut_b = jnp.clip(jnp.floor((thr - below) / (jnp.exp(b - m) / z)), 0, n_b - 1).astype(jnp.int32)
 
         def cut_ties(lg):  # index order among the entries equal to b
             tie_rank = jnp.cumsum(lg == b, axis=-1) - 1
