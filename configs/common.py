@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.labels = "auto"  # auto (VAR: balanced, LlamaGen: uniform) | balanced | uniform
     c.sample.image_size_eval = 256  # LlamaGen: decoded images are bicubic-resized to this (0: keep)
     c.sample.dtype = "float32"  # compute dtype of the sampler (bfloat16 on TPU for speed)
+    c.sample.cache_block_len = -1  # LlamaGen KV cache block (slots): -1 auto (~64), 0 one static cache
     c.sample.name = ""  # output file stem under <workdir>/samples ("" = samples_<N>)
 
     # --- evaluation (cca_jax/evaluate.py) -------------------------------------------------------------

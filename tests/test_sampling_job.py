@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import jax
+import jax.numpy as jnp
 import pytest
 from etils import epath
 
@@ -172,3 +173,16 @@ def test_missing_images_are_an_error_not_black(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "_done_mask", lambda out_dir, n: np.ones(n, bool))
     with pytest.raises(RuntimeError, match="8 of 10 images are missing.*every host sees"):
         job.generate_samples(sampler, labels, out, seed=3, per_device_batch=1, progress=False)
+
+
+def test_cache_block_len_setting_reaches_the_llamagen_sampler(tmp_path):
+    c, tok = tiny_config(tmp_path)
+    labels, rng = jnp.arange(4, dtype=jnp.int32), jax.random.key(7)
+    images = {}
+    for blk in (0, 2):  # one static cache; blocks of 2 slots (4 loops for the 4-token raster)
+        c.sample.cache_block_len = blk
+        s = job.make_sampler(c, str(tmp_path / "run"), tokenizer_params=tok)
+        images[blk] = np.asarray(jax.jit(s.generate)(s.params, s.tokenizer_params, labels, rng))
+        text = str(jax.make_jaxpr(s.generate)(s.params, s.tokenizer_params, labels, rng))
+        assert ("f32[8,2,2,16]" in text) == (blk == 2)  # [2B, K, block, D] cache blocks
+    np.testing.assert_array_equal(images[2], images[0])
