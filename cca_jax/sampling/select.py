@@ -3,7 +3,7 @@
 Top-k and top-p filtering only need a threshold per row (the k-th largest logit; the smallest
 logit the nucleus keeps), not the sorted values. XLA:CPU's ``lax.top_k`` with a large k is a
 partial sort per row and its sort is slow: at VAR's top-k 900 of V = 4096 over 2048 rows,
-``lax.top_k`` takes 0.36-1.1 s and a sort 1.2 s, while the 32 counting passes here take 0.14 s
+``lax.top_k`` takes 0.36-1.1 s and a sort 1.2 s, while the 32 counting passes here take 0.1 s
 (``python -m cca_jax.bench.filter``). The results are exact: the search returns a key that is
 present in the row.
 
