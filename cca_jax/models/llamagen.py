@@ -212,8 +212,8 @@ def apply_rope(x_BLHD: jax.Array, rope_Lh2: jax.Array) -> jax.Array:
 class HeadMajorKVCache(attn_lib.KVCache):
     """A :class:`~cca_jax.models.attention.KVCache` stored head-major: ``k, v [B, K, S, D]``.
 
-    Same ``update(k_BLKD, v_BLKD, index)`` contract; :meth:`views` gives ``[B, S, K, D]``
-    transposed views for :func:`~cca_jax.models.attention.attend`. Why: XLA's batched dot wants
+    Same ``update(k_BLKD, v_BLKD, index)`` contract; :meth:`kv_blocks` gives ``[B, S, K, D]``
+    transposed views for :func:`~cca_jax.models.attention.attend_kv_blocks`. Why: XLA's batched dot wants
     the (batch, head) axes leading; with the sequence-major layout XLA copies a transposed cache in
     every layer at every decode step (on CPU, attention over the cache alone measured 4.9 ms vs
     0.2 ms of CPU time per layer-step at B=8, S=264, H=8, D=64). With this layout the transposes

@@ -94,7 +94,8 @@ def llamagen_sampler(config, tokenizer_params=None) -> ImageSampler:
     if tokenizer_params is None:
         tokenizer_params = vq16_conv.load_checkpoint(_tokenizer_path(config), tok_cfg)
     block_len = int(config.sample.get("cache_block_len", -1))
-    tokens_fn = lgs.generate_fn(cfg, opts, dtype=dtype, cache_block_len=None if block_len < 0 else block_len)
+    tokens_fn = lgs.generate_fn(cfg, opts, dtype=dtype,
+                                cache_block_len=None if block_len < 0 else block_len)
     eval_size = int(config.sample.get("image_size_eval", 0)) or None
     grid = cfg.grid_size
 
