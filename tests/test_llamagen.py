@@ -15,6 +15,7 @@ from cca_jax import sharding
 from cca_jax.convert import llamagen as convert
 from cca_jax.models import attention as attn_lib
 from cca_jax.models import llamagen as lg
+from cca_jax.models import matmul
 
 TINY = lg.LlamaGenConfig(dim=64, n_layer=2, n_head=4, vocab_size=96, num_classes=10,
                          block_size=16, class_dropout_prob=0.1, token_dropout_p=0.0,
@@ -261,6 +262,22 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
     err = np.abs(np.asarray(out) - np.asarray(ref)).max()
     assert 0 < err < 0.05 * np.abs(np.asarray(ref)).max()
+
+
+def test_kernels_cast_once_give_the_bf16_forward_bit_for_bit():
+    """The sampler casts the dense kernels to bf16 once (matmul.cast_kernels); every kernel
+    must be one the bf16 model casts anyway, so the logits are identical."""
+    params = random_params(dataclasses.replace(TINY, n_kv_head=2))
+    cfg = dataclasses.replace(TINY, n_kv_head=2)
+    labels, tokens = random_batch(cfg)
+    cast = matmul.cast_kernels(params, jnp.bfloat16)
+    kinds = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(cast)[0]}
+    assert all(dt == jnp.bfloat16 for k, dt in kinds.items() if k.endswith("['kernel']"))
+    assert all(dt == jnp.float32 for k, dt in kinds.items() if not k.endswith("['kernel']"))
+    model = lg.Transformer(cfg, dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(forward(model, cast, labels, tokens[:, :-1]),
+                                  forward(model, params, labels, tokens[:, :-1]))
+    assert matmul.cast_kernels(params, jnp.float32) is params
 
 
 def test_remat_same_values_and_grads():

@@ -76,6 +76,36 @@ def test_blocked_cache_generation_equals_one_static_cache(block_len):
     assert f"f32[6,{cfg.kv_heads},{cfg.cache_len},{cfg.head_dim}]" not in text
 
 
+def test_bf16_sampler_casts_kernels_once_and_cached_equals_recompute():
+    opts = sampler.SampleOptions(cfg_scale=2.0, temperature=0.8, top_k=30)
+    cfg = dataclasses.replace(TINY, n_kv_head=2)
+    params = random_params(cfg, sigma=0.2)
+    labels = jnp.array([2, 5, 9], jnp.int32)
+    gen = lambda use_cache: sampler.generate(params, labels, jax.random.key(3), cfg=cfg, opts=opts,
+                                             dtype=jnp.bfloat16, use_cache=use_cache, return_logits=True)
+    (tok_c, log_c), (tok_r, log_r) = gen(True), gen(False)
+    np.testing.assert_array_equal(np.asarray(tok_c), np.asarray(tok_r))
+    # the logits come out of a bf16 head: a few bf16 ulps apart (summation order)
+    np.testing.assert_allclose(np.asarray(log_c), np.asarray(log_r), atol=2e-2, rtol=2 ** -6)
+    # the output kernel [dim, vocab] is cast to bf16 before the decode loop, not in every step
+    jaxpr = jax.make_jaxpr(sampler.generate_fn(cfg, opts, dtype=jnp.bfloat16))(
+        params, labels, jax.random.key(0)).jaxpr
+    head = f"bf16[{cfg.dim},{cfg.vocab_size}] = convert_element_type"
+    loops = [e for e in _all_eqns(jaxpr) if e.primitive.name in ("scan", "while")]
+    assert loops and head in str(jaxpr) and not any(head in str(e.params) for e in loops)
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its equations' parameters."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+
+
 def test_default_cache_block_len():
     assert sampler.default_cache_block_len(24) == 0  # short caches stay one block
     assert sampler.default_cache_block_len(264) == 56  # BENCH-LLAMAGEN: 5 blocks

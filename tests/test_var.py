@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from cca_jax.convert.var import expected_shapes, from_state_dict, to_state_dict
-from cca_jax.models.var import VAR, VARConfig, abstract_params, init_cache, init_params, param_count
+from cca_jax.models import matmul
+from cca_jax.models.var import FLOAT32_KERNELS, VAR, VARConfig, abstract_params, init_cache, init_params, param_count
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, vocab_size=32, Cvae=4, num_classes=10,
             patch_nums=(1, 2, 3))
@@ -322,6 +323,20 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     # bf16 has ~3 significant digits: errors are a small fraction of the logit spread
     assert np.abs(np.asarray(bf16) - f32).max() < 0.05 * np.abs(f32).max()
     assert np.abs(np.asarray(bf16) - f32).max() > 0  # it really ran in bf16
+
+
+def test_kernels_cast_once_give_the_bf16_forward_bit_for_bit():
+    """The sampler casts the kernels to bf16 once, except those VAR multiplies in float32
+    (FLOAT32_KERNELS); the bf16 logits are then identical, with per-block and shared AdaLN."""
+    for shared_aln in (False, True):
+        cfg = tiny_cfg(shared_aln=shared_aln)
+        params = noisy_params(cfg, 4)
+        labels, x = random_inputs(cfg)
+        cast = matmul.cast_kernels(params, jnp.bfloat16, keep=FLOAT32_KERNELS)
+        assert cast["word_embed"]["kernel"].dtype == cast["head_nm"]["ada_lin"]["kernel"].dtype == jnp.float32
+        assert cast["head"]["kernel"].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(forward(cfg, cast, labels, x, dtype=jnp.bfloat16),
+                                      forward(cfg, params, labels, x, dtype=jnp.bfloat16))
 
 
 def test_bfloat16_gradients_run_and_track_float32():

@@ -76,6 +76,29 @@ def dense(x: jax.Array, kernel: jax.Array, *, in_axes: int = 1, dtype: Any = jnp
                kernel.reshape(math.prod(ins), math.prod(outs)), dtype=dtype)
     return y.reshape(tuple(lead) + tuple(outs))
 
+
+def cast_kernels(params: Any, dtype: Any, *, keep: tuple[str, ...] = ()) -> Any:
+    """``params`` with every dense ``kernel`` leaf cast to ``dtype`` once, other leaves as they are.
+
+    For decoding loops: a layer casts its float32 kernel to the compute dtype on every call, and
+    inside a ``fori_loop`` XLA:CPU redoes that cast each step, reading the float32 weights (twice
+    the bytes) for a step that is bound by weight traffic. Cast up front, a step reads 16-bit
+    weights and computes the same numbers (the layer's cast becomes a no-op). ``keep``: names of
+    modules whose kernels the model multiplies in float32 whatever ``dtype`` (VAR's
+    ``FLOAT32_KERNELS``); they stay as they are. A float32 ``dtype`` returns ``params`` unchanged.
+    """
+    if jnp.dtype(dtype).itemsize >= 4:
+        return params
+
+    def cast(path, x):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if names and names[-1] == "kernel" and not any(n in keep for n in names):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def _has_batch_axes(spec: str) -> bool:
     """Whether some index (or ``...``) is in both operands and the output: a batched dot."""
     inputs, out = spec.replace("...", "*").split("->")

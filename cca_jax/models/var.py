@@ -57,6 +57,9 @@ from cca_jax.models.attention import KVCache, attend, attend_block_causal
 from cca_jax.models.vqvae import ScaleSchedule
 
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+# modules whose kernels multiply in float32 whatever the compute dtype (the embedding of the
+# VQ features and the head's AdaLN, as autocast leaves them); matmul.cast_kernels keeps them
+FLOAT32_KERNELS = ("word_embed", "head_nm")
 MAX_SCALE_MUL = math.log(100.0)  # attn_l2_norm: per-head logit multiplier clamped at 100
 # teacher forcing attends by query blocks of whole scales, merged up to this many rows: tiny
 # scales alone would only add ops (bench/attention.py: 64 rows ~ per-scale speed, 5 blocks at L=680)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from cca_jax.models import llamagen as lg
+from cca_jax.models import matmul
 from cca_jax.sampling import select
 
 
@@ -163,7 +164,7 @@ def generate_fn(cfg: lg.LlamaGenConfig, opts: SampleOptions = SampleOptions(), *
         B = labels_B.shape[0]
         cond = (jnp.concatenate([labels_B, jnp.full((B,), cfg.null_class, jnp.int32)])
                 if opts.guided else labels_B)
-        variables = {"params": params}
+        variables = {"params": matmul.cast_kernels(params, dtype)}  # 16-bit weight reads per step
 
         def finish(i, raw_logits, tokens, step_logits):
             l = _guide(raw_logits, B, opts.cfg_scale, cfg_on(i)) if opts.guided else raw_logits

@@ -34,8 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cca_jax.models import vqvae
-from cca_jax.models.var import VAR, VARConfig, init_cache
+from cca_jax.models import matmul, vqvae
+from cca_jax.models.var import FLOAT32_KERNELS, VAR, VARConfig, init_cache
 from cca_jax.sampling import select
 
 
@@ -134,6 +134,7 @@ def _generate(var_params, vq_params, label_B, rng, *, cfg: VARConfig, vq_cfg: vq
     B = label_B.shape[0]
     S = cfg.num_scales
     model = VAR(cfg, dtype)
+    var_params = matmul.cast_kernels(var_params, dtype, keep=FLOAT32_KERNELS)  # cast once, not per scale
     label_B = jnp.asarray(label_B, jnp.int32)
     labels = (jnp.concatenate([label_B, jnp.full_like(label_B, cfg.num_classes)])
               if opts.guided else label_B)
