@@ -106,6 +106,16 @@ def _all_eqns(jaxpr):
                     yield from _all_eqns(inner)
 
 
+def test_out_of_range_labels_are_an_error_not_a_clamped_lookup():
+    params = lg.init_params(TINY, jax.random.key(0))
+    with pytest.raises(ValueError, match=rf"outside \[0, {TINY.num_classes}\]"):
+        sampler.generate(params, jnp.array([1, TINY.num_classes + 1]), jax.random.key(0), cfg=TINY)
+    no_null = dataclasses.replace(TINY, class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="no null class"):
+        sampler.generate(lg.init_params(no_null, jax.random.key(0)), jnp.array([no_null.num_classes]),
+                         jax.random.key(0), cfg=no_null)
+
+
 def test_default_cache_block_len():
     assert sampler.default_cache_block_len(24) == 0  # short caches stay one block
     assert sampler.default_cache_block_len(264) == 56  # BENCH-LLAMAGEN: 5 blocks

@@ -125,6 +125,26 @@ def test_stochastic_options_run(fx):
     assert np.isfinite(f_hat).all() and np.abs(f_hat - np.asarray(plain["f_hat"])).max() > 1e-4
 
 
+@pytest.mark.parity
+@pytest.mark.parametrize("fx", fixture_harness.fixture_params("var_model"))
+def test_label_forms_of_the_official_sampler(fx):
+    """label_B as an int (all images that class; negative = unconditional) or None (random
+    classes); labels out of range are an error, not a silently clamped embedding lookup."""
+    cfg, vq_cfg, params, vq_params = _load(fx)
+    gen = functools.partial(vs.generate, params, vq_params, cfg=cfg, vq_cfg=vq_cfg, decode=False,
+                            opts=vs.VARSampleOptions(cfg=1.5, top_k=1))
+    key = jax.random.key(4)
+    by_int, by_array = gen(3, key, batch=4), gen(np.full(4, 3), key)
+    np.testing.assert_array_equal(np.asarray(by_int["idx_BL"]), np.asarray(by_array["idx_BL"]))
+    np.testing.assert_array_equal(np.asarray(gen(-1, key, batch=4)["label_B"]), [cfg.num_classes] * 4)
+    drawn = gen(None, key, batch=4)
+    labels = np.asarray(drawn["label_B"])
+    assert labels.shape == (4,) and labels.min() >= 0 and labels.max() < cfg.num_classes
+    np.testing.assert_array_equal(np.asarray(drawn["idx_BL"]), np.asarray(gen(None, key, batch=4)["idx_BL"]))
+    with pytest.raises(ValueError, match="outside"):
+        gen(np.array([0, 1, 2, cfg.num_classes + 1]), key)
+
+
 # ------------------------------------------------------------------------------ filtering semantics
 def official_filter(logits, top_k, top_p):
     """numpy transcription of the documented sample_with_top_k_top_p_ semantics (sampling.md §2.2)."""

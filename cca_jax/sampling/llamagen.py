@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from cca_jax.models import llamagen as lg
 from cca_jax.models import matmul
-from cca_jax.sampling import select
+from cca_jax.sampling import class_labels, select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,13 +220,24 @@ def generate_fn(cfg: lg.LlamaGenConfig, opts: SampleOptions = SampleOptions(), *
     return fn
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opts", "dtype", "num_tokens", "use_cache",
-                                             "return_logits", "cache_block_len"))
 def generate(params, labels_B: jax.Array, rng: jax.Array, *, cfg: lg.LlamaGenConfig,
              opts: SampleOptions = SampleOptions(), dtype: Any = jnp.float32,
              num_tokens: Optional[int] = None, use_cache: bool = True,
              return_logits: bool = False, cache_block_len: Optional[int] = None):
-    """Jitted :func:`generate_fn`: ``tokens [B, N]`` (and step logits ``[B, N, V]``)."""
+    """Jitted :func:`generate_fn`: ``tokens [B, N]`` (and step logits ``[B, N, V]``). Concrete
+    labels are range-checked first (``[0, num_classes)``, plus the null class where the model
+    has its row): the embedding lookup under ``jit`` would clamp a bad label silently."""
+    labels_B, _ = class_labels.resolve(labels_B, rng, num_classes=cfg.num_classes,
+                                 allow_null=cfg.has_null_class)
+    return _generate_jit(params, labels_B, rng, cfg=cfg, opts=opts, dtype=dtype,
+                         num_tokens=num_tokens, use_cache=use_cache, return_logits=return_logits,
+                         cache_block_len=cache_block_len)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "dtype", "num_tokens", "use_cache",
+                                             "return_logits", "cache_block_len"))
+def _generate_jit(params, labels_B, rng, *, cfg, opts, dtype, num_tokens, use_cache, return_logits,
+                  cache_block_len):
     return generate_fn(cfg, opts, dtype=dtype, num_tokens=num_tokens, use_cache=use_cache,
                        return_logits=return_logits, cache_block_len=cache_block_len
                        )(params, labels_B, rng)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from cca_jax.models import matmul, vqvae
 from cca_jax.models.var import FLOAT32_KERNELS, VAR, VARConfig, init_cache
-from cca_jax.sampling import select
+from cca_jax.sampling import class_labels, select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,12 +201,17 @@ def generate_fn(cfg: VARConfig, vq_cfg: vqvae.VQVAEConfig, opts: VARSampleOption
                                      decode=decode, return_logits=return_logits, layout=layout))
 
 
-def generate(var_params, vq_params, label_B, rng, *, cfg: VARConfig, vq_cfg: vqvae.VQVAEConfig,
-             opts: VARSampleOptions = VARSampleOptions(), dtype=jnp.float32, decode: bool = True,
-             return_logits: bool = False, layout: str = "NHWC") -> dict[str, jax.Array]:
-    """Convenience wrapper around :func:`generate_fn`."""
+def generate(var_params, vq_params, label_B: class_labels.Labels, rng, *, cfg: VARConfig,
+             vq_cfg: vqvae.VQVAEConfig, opts: VARSampleOptions = VARSampleOptions(),
+             dtype=jnp.float32, decode: bool = True, return_logits: bool = False,
+             layout: str = "NHWC", batch: int | None = None) -> dict[str, jax.Array]:
+    """:func:`generate_fn` with the official ``label_B`` forms (:func:`class_labels.resolve`): an
+    array ``[B]``, an int for all ``batch`` images (negative = unconditional), or None for
+    ``batch`` uniformly random classes; labels are range-checked. The dict also holds the
+    ``label_B [B]`` used."""
+    label_B, rng = class_labels.resolve(label_B, rng, num_classes=cfg.num_classes, batch=batch)
     fn = generate_fn(cfg, vq_cfg, opts, dtype=dtype, decode=decode, return_logits=return_logits, layout=layout)
-    return fn(var_params, vq_params, jnp.asarray(label_B, jnp.int32), rng)
+    return {**fn(var_params, vq_params, label_B, rng), "label_B": label_B}
 
 
 def decode_fn(vq_cfg: vqvae.VQVAEConfig, layout: str = "NHWC"):
