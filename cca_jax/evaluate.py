@@ -658,6 +658,18 @@ def _samples_from_checkpoint(config, workdir: str) -> str:
     return str(path)
 
 
+def _tensorboard_step(step: int, samples_path: str) -> int:
+    """``config.eval.step``, or for -1 the training step of the sampled checkpoint that the sample
+    job stored in the npz (``train_step``; 0 for samples of another origin)."""
+    if step >= 0:
+        return step
+    from cca_jax.sampling.job import TRAIN_STEP_KEY
+    if TRAIN_STEP_KEY not in npz_keys(samples_path):
+        return 0
+    with _open(samples_path, "rb") as raw, np.load(raw) as z:
+        return int(z[TRAIN_STEP_KEY])
+
+
 def _write_json(path: str, obj: dict) -> None:
     _makedirs(os.path.dirname(path))
     with _open(path, "w") as f:
@@ -707,7 +719,7 @@ def run(config, workdir: str) -> dict[str, float]:
     for k, v in results.items():
         logging.info("eval %s = %.6g", k, v)
     if jax.process_index() == 0:
-        step = int(ev.get("step", 0))
+        step = _tensorboard_step(int(ev.get("step", -1)), samples_path)
         writer = metric_writers.create_default_writer(workdir, collection="eval")
         writer.write_scalars(step, results)
         writer.flush()

@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.pr_k = 3  # precision/recall neighbourhood size
     c.eval.pr_batch_size = 10000  # precision/recall row/column batch (ADM: 10000)
     c.eval.fid_method = "sqrtm"  # sqrtm: ADM's numerics | eigh: fast, for N < feature dim (in-training FID uses it)
-    c.eval.step = 0  # TensorBoard step the eval job writes its metrics at
+    c.eval.step = -1  # TensorBoard step of the eval job's metrics (-1: the sampled checkpoint's train step)
     c.eval.output_name = ""  # JSON file name under <workdir>/eval ("" = the samples npz's stem)
     c.eval.train_num_samples = 1000  # samples per in-training evaluation (every train.eval_every steps)
     c.eval.train_metrics = "fid"  # metrics of the in-training evaluation

@@ -109,6 +109,25 @@ def test_sample_job_run_end_to_end(tmp_path):
     assert list((workdir / "tensorboard").glob("events.out.tfevents*"))
 
 
+def test_samples_of_a_train_checkpoint_carry_its_step_to_the_eval_job(tmp_path):
+    from cca_jax import evaluate
+    c, tok = tiny_config(tmp_path)
+    c.init.tokenizer_checkpoint = str(tmp_path / "tok")
+    params = checkpoint.load_params(c.sample.checkpoint)
+    c.sample.checkpoint = ""  # sample the newest train checkpoint of the workdir
+    workdir = tmp_path / "run"
+    with checkpoint.CheckpointManager(workdir) as mngr:
+        mngr.save(12, {"step": 12, "params": params}, force=True)
+    path = job.run(c, str(workdir))
+    with np.load(path) as z:
+        assert int(z[job.TRAIN_STEP_KEY]) == 12 and z["arr_0"].shape == (10, 4, 4, 3)
+    assert evaluate._tensorboard_step(-1, path) == 12  # config.eval.step default: that step
+    assert evaluate._tensorboard_step(5, path) == 5  # an explicit step wins
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    assert evaluate._tensorboard_step(-1, str(plain)) == 0  # samples of another origin
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     c, _ = tiny_config(tmp_path)
     c.sample.checkpoint = ""

@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,14 +48,21 @@ class ImageSampler:
     num_classes: int
     abstract_params: Any = None
     source: str = ""  # where ``params`` came from (recorded in the resume manifest)
+    step: Optional[int] = None  # training step of ``params`` when they come from a train checkpoint
+
+
+# npz key of the training step of the sampled checkpoint (absent when it is not a train checkpoint)
+TRAIN_STEP_KEY = "train_step"
 
 
 # ------------------------------------------------------------------------------ model loading
 
-def load_model_params(config, workdir: str, family: families.Family) -> tuple[Any, str]:
-    """``(params, where they came from)``: from ``config.sample.checkpoint`` (official file or Orbax
-    params dir), else the newest train checkpoint in ``workdir`` (else
-    ``config.init.reference_checkpoint``)."""
+def load_model_params(config, workdir: str, family: families.Family
+                      ) -> tuple[Any, str, Optional[int]]:
+    """``(params, where they came from, training step or None)``: from ``config.sample.checkpoint``
+    (official file or Orbax params dir), else the newest train checkpoint in ``workdir`` (else
+    ``config.init.reference_checkpoint``). The step is known for a train checkpoint only."""
+    step = None
     if config.sample.checkpoint:
         path = config.sample.checkpoint
         params, source = family.load_params(path), f"file {path}"
@@ -69,7 +76,7 @@ def load_model_params(config, workdir: str, family: families.Family) -> tuple[An
     else:
         raise ValueError("Nothing to sample from: set config.sample.checkpoint (an Orbax params dir or an "
                          "official .pt/.pth file), or point --workdir at a training run.")
-    return params, source
+    return params, source, step
 
 
 def _tokenizer_path(config) -> str:
@@ -141,7 +148,8 @@ def make_sampler(config, workdir: str, tokenizer_params=None, *, with_params: bo
         raise ValueError(f"config.model.family={fam!r}; expected one of {sorted(SAMPLERS)}.")
     sampler = SAMPLERS[fam](config, tokenizer_params)
     if with_params:
-        sampler.params, sampler.source = load_model_params(config, workdir, families.from_config(config))
+        sampler.params, sampler.source, sampler.step = load_model_params(
+            config, workdir, families.from_config(config))
     return sampler
 
 
@@ -359,12 +367,14 @@ def run(config, workdir: str) -> str:
                               settings=image_settings(config))
     npz = out_dir / f"{name}.npz"
     if jax.process_index() == 0:
-        _save_npz(npz, arr_0=images, labels=labels)
+        # train_step: the eval job logs its metrics at the step of the checkpoint sampled
+        step = {} if sampler.step is None else {TRAIN_STEP_KEY: np.int64(sampler.step)}
+        _save_npz(npz, arr_0=images, labels=labels, **step)
         grid = image_grid(images[:64])
         save_png(grid, out_dir / f"{name}.png")
         writer = metric_writers.create_default_writer(str(workdir / "tensorboard"),
                                                       just_logging=jax.process_index() > 0)
-        writer.write_images(0, {f"samples/{name}": grid[None]})
+        writer.write_images(sampler.step or 0, {f"samples/{name}": grid[None]})
         writer.flush()
         logging.info("wrote %s (%s)", npz, images.shape)
     if jax.process_count() > 1:  # the eval job reads the npz on every host next
