@@ -33,9 +33,12 @@ def main(argv):
         raise app.UsageError(f"config.job={config.job!r}; choose one of {sorted(JOBS)}.")
     from cca_jax import distributed
     distributed.initialize()
-    logging.info("job=%s workdir=%s", config.job, FLAGS.workdir)
+    from cca_jax import host_malloc
+    logging.info("job=%s workdir=%s; %s", config.job, FLAGS.workdir, host_malloc.describe())
     importlib.import_module(JOBS[config.job]).run(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    from cca_jax import host_malloc
+    host_malloc.reexec_if_wanted()  # on a CPU host: stop XLA's per-step page faults (see module)
     app.run(main)

@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from cca_jax import host_malloc
 from cca_jax.models import llamagen as lg
 from cca_jax.sampling import llamagen as sampler
 
@@ -77,7 +78,7 @@ def main(argv=None):
            else args.cache_block_len)
     print(f"BENCH-LLAMAGEN dim={cfg.dim} layers={cfg.n_layer} heads={cfg.n_head} vocab={cfg.vocab_size} "
           f"tokens={N} batch={B} dtype={args.dtype} devices={jax.devices()[0].platform}x"
-          f"{jax.device_count()} params={lg.param_count(cfg):,} cache_block_len={blk}")
+          f"{jax.device_count()} params={lg.param_count(cfg):,} cache_block_len={blk}; {host_malloc.describe()}")
 
     results = {}
     for name, scale in (("guidance-free", 1.0), ("cfg4", 4.0)):
@@ -108,4 +109,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_if_wanted()
     main()

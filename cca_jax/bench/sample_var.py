@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from cca_jax import host_malloc
 from cca_jax.models import vqvae
 from cca_jax.models.var import VARConfig, init_params
 from cca_jax.sampling import var as vs
@@ -64,7 +65,8 @@ def main(argv=None):
     labels = jnp.arange(B, dtype=jnp.int32) * 97 % cfg.num_classes
     tokens = B * cfg.L
     print(f"BENCH-VAR: depth {cfg.depth}, C {cfg.C}, heads {cfg.num_heads}, L {cfg.L}, V {cfg.vocab_size}, "
-          f"batch {B}, {args.dtype}, top_k {args.top_k}, top_p {args.top_p}, devices {jax.devices()}")
+          f"batch {B}, {args.dtype}, top_k {args.top_k}, top_p {args.top_p}, devices {jax.devices()}; "
+          f"{host_malloc.describe()}")
 
     modes = [("guidance-free (cfg 0, B rows, KV cache)", vs.VARSampleOptions(0.0, args.top_k, args.top_p)),
              (f"CFG (cfg {args.cfg}, 2B rows, KV cache)", vs.VARSampleOptions(args.cfg, args.top_k, args.top_p))]
@@ -100,4 +102,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_if_wanted()
     main()

@@ -35,7 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from cca_jax import families, train
+from cca_jax import families, host_malloc, train
 from configs.common import base_config
 
 OFFICIAL_STEP_S = {"llamagen": 4.3, "var": 14.8}
@@ -149,7 +149,7 @@ def main(argv=None):
 
     ndev = jax.device_count()
     print(f"devices: {ndev} x {jax.devices()[0].device_kind}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"load average {os.getloadavg()[0]:.2f}; {host_malloc.describe()}")
     for which in args.which.split(","):
         r = run_bench(which, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                       keep_dropout=not args.no_dropout)
@@ -174,4 +174,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_if_wanted()
     main()
