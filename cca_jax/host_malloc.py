@@ -9,13 +9,16 @@ only the main arena grows past 64 MB without ``mmap``), no ``mmap`` (``MALLOC_MM
 no trimming of the heap top (``MALLOC_TRIM_THRESHOLD_``, 1 TiB). After the first step no page
 faults remain: BENCH-VAR 13.7–14.6 s -> 10.1–10.4 s, BENCH-LLAMAGEN 4.9–5.2 s -> 4.4–4.6 s
 (``python -m cca_jax.bench.step``, back to back). The cost: the process keeps its peak host
-memory until it exits, which a training or sampling process reaches every step anyway.
+memory until it exits, which a training process reaches every step anyway.
 
-glibc reads these variables only when a process starts, so the command-line entry points
-(``cca_jax.main``, ``cca_jax.bench.*``) re-execute themselves once with them set, before JAX is
-imported. They do so only on Linux with glibc, on a host without TPU/GPU device files (or with
-``JAX_PLATFORMS=cpu``), when none of the variables is set already (a user's own choice wins)
-and ``CCA_JAX_DEFAULT_MALLOC`` is not set (the opt-out). Importing ``cca_jax`` as a library
+glibc reads these variables only when a process starts, so the entry points that run training
+steps (``cca_jax.main`` for the train job, ``cca_jax.bench.step``, ``cca_jax.bench.attention``)
+re-execute themselves once with them set, before JAX is imported. Sampling loops gain nothing
+(one execution per batch; LlamaGen guidance-free sampling: 4.2–5.5 s with glibc's defaults,
+4.6–5.9 s with the settings, alternating runs on this noisy machine), so the sample job keeps
+glibc's defaults. The re-exec happens only on Linux with glibc, on a host without TPU/GPU device
+files (or with ``JAX_PLATFORMS=cpu``), when none of the variables is set already (a user's own
+choice wins) and ``CCA_JAX_DEFAULT_MALLOC`` is not set (the opt-out). Importing ``cca_jax`` as a library
 never re-executes anything.
 """
 

@@ -91,6 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from cca_jax import host_malloc
-    host_malloc.reexec_if_wanted()
     main()

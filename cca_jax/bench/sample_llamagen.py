@@ -109,5 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    host_malloc.reexec_if_wanted()
     main()
