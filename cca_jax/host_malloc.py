@@ -18,8 +18,8 @@ re-execute themselves once with them set, before JAX is imported. Sampling loops
 4.6–5.9 s with the settings, alternating runs on this noisy machine), so the sample job keeps
 glibc's defaults. The re-exec happens only on Linux with glibc, on a host without TPU/GPU device
 files (or with ``JAX_PLATFORMS=cpu``), when none of the variables is set already (a user's own
-choice wins) and ``CCA_JAX_DEFAULT_MALLOC`` is not set (the opt-out). Importing ``cca_jax`` as a library
-never re-executes anything.
+choice wins) and ``CCA_JAX_DEFAULT_MALLOC`` is not set (the opt-out). Importing ``cca_jax`` as a
+library never re-executes anything.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import pytest
 
 from cca_jax.convert.var import expected_shapes, from_state_dict, to_state_dict
 from cca_jax.models import matmul
-from cca_jax.models.var import FLOAT32_KERNELS, VAR, VARConfig, abstract_params, init_cache, init_params, param_count
+from cca_jax.models.var import (FLOAT32_KERNELS, VAR, VARConfig, abstract_params, init_cache,
+                                init_params, param_count)
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, vocab_size=32, Cvae=4, num_classes=10,
             patch_nums=(1, 2, 3))

@@ -78,7 +78,8 @@ def main(argv=None):
            else args.cache_block_len)
     print(f"BENCH-LLAMAGEN dim={cfg.dim} layers={cfg.n_layer} heads={cfg.n_head} vocab={cfg.vocab_size} "
           f"tokens={N} batch={B} dtype={args.dtype} devices={jax.devices()[0].platform}x"
-          f"{jax.device_count()} params={lg.param_count(cfg):,} cache_block_len={blk}; {host_malloc.describe()}")
+          f"{jax.device_count()} params={lg.param_count(cfg):,} cache_block_len={blk}; "
+          f"{host_malloc.describe()}")
 
     results = {}
     for name, scale in (("guidance-free", 1.0), ("cfg4", 4.0)):

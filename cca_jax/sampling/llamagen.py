@@ -228,7 +228,7 @@ def generate(params, labels_B: jax.Array, rng: jax.Array, *, cfg: lg.LlamaGenCon
     labels are range-checked first (``[0, num_classes)``, plus the null class where the model
     has its row): the embedding lookup under ``jit`` would clamp a bad label silently."""
     labels_B, _ = class_labels.resolve(labels_B, rng, num_classes=cfg.num_classes,
-                                 allow_null=cfg.has_null_class)
+                                       allow_null=cfg.has_null_class)
     return _generate_jit(params, labels_B, rng, cfg=cfg, opts=opts, dtype=dtype,
                          num_tokens=num_tokens, use_cache=use_cache, return_logits=return_logits,
                          cache_block_len=cache_block_len)
