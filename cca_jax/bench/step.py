@@ -19,7 +19,11 @@ L×L score matrix. The ratio is to a matmul peak measured on the same devices ri
 step (a jitted 4096² float32 matmul, per device; with ``--dtype bfloat16`` also the bf16 x bf16 ->
 float32 peak, which on a CPU with AVX-512 BF16 is about twice the float32 one). Every figure is
 given twice: from wall time, and from this process's CPU time divided by the cores (robust when
-other processes share the machine; the two agree on an idle one).
+other processes share the machine; the two agree on an idle one). A last line gives the minor
+page faults and kernel CPU time per step: on a CPU host the script re-executes itself with
+glibc malloc keeping freed memory (cca_jax/host_malloc.py), and both are about 0 once the
+heap has reached its peak (within the 3 warm-up steps; one page-faulting step in the timed ones
+means it had not yet); ``CCA_JAX_DEFAULT_MALLOC=1`` runs it with glibc's defaults for comparison.
 
 Official PyTorch step on this 2-core CPU (fp32, from the issue): BENCH-LLAMAGEN 4.3 s
 (≈ 476 tokens/s, 0.68 of peak); BENCH-VAR 14.8 s (≈ 368 tokens/s, 6.7 s of it re-encoding images
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 import jax
@@ -127,21 +132,27 @@ def run_bench(which: str, *, steps: int, warmup: int, dtype: str, keep_dropout: 
         state, m = tr.step(state, ref, batches[next(it) % 2], aux)
         jax.block_until_ready((state, m))
 
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     wall, cpu = _timed(one, steps)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     tokens = 2 * BATCH * tr.family.num_tokens
     flops = step_flops(tr.family, BATCH)
     return {"which": which, "step_s": wall, "step_cpu_s": cpu, "tokens_per_s": tokens / wall,
             "tokens_per_s_cpu": tokens / cpu, "flops_per_step": flops, "flops_per_s": flops / wall,
             "flops_per_s_cpu": flops / cpu, "compile_s": compile_s,
             "matmul_params": tr.family.matmul_params(), "devices": len(tr.mesh.devices.flat),
-            "loss": float(m["loss"])}
+            "loss": float(m["loss"]),
+            # host memory traffic the step should not have (cca_jax/host_malloc.py)
+            "page_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
+            "sys_s_per_step": (r1.ru_stime - r0.ru_stime) / steps}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--which", default="llamagen,var")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps: compile, then let the kept host heap reach its peak")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no_dropout", action="store_true", help="keep_dropout=False")
     ap.add_argument("--matmul_n", type=int, default=4096)
@@ -171,6 +182,8 @@ def main(argv=None):
                 low = low_w if basis == "wall" else low_c
                 print(f"  {'':8s}  = {fps / (low * ndev):.2f} of the {args.dtype} matmul peak "
                       f"{low / 1e9:.1f} GFLOP/s (float32 accumulation)", flush=True)
+        print(f"  host    : {r['page_faults_per_step']:,.0f} minor page faults and "
+              f"{r['sys_s_per_step']:.2f} s kernel CPU time per step", flush=True)
 
 
 if __name__ == "__main__":
