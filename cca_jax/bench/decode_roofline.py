@@ -75,7 +75,8 @@ def step_cost(cfg: lg.LlamaGenConfig, rows: int, block_len: int = 0) -> tuple[fl
     S = float(lg.find_multiple(cfg.cls_token_num + cfg.block_size, 8))
     if block_len:
         segments = lg.decode_segments(cfg.cls_token_num - 1, (1, cfg.block_size), block_len)
-        S = sum((hi - lo) * active * block_len for lo, hi, active in segments) / (cfg.block_size - 1)
+        slots = sum((hi - lo) * active * block_len for lo, hi, active in segments)
+        S = slots / (cfg.block_size - 1)
     cache = 2 * cfg.n_layer * rows * S * cfg.dim
     return 4.0 * n_matmul, 4.0 * cache, 2.0 * rows * n_matmul + 2.0 * cache
 

@@ -1,4 +1,4 @@
-"""Top-k / top-p thresholds: ``python -m cca_jax.bench.filter [--rows 2048] [--vocab 4096] [--k 900]``.
+"""Top-k / top-p thresholds: ``python -m cca_jax.bench.filter [--rows 2048] [--k 900]``.
 
 Times, on the default device, three ways to get the k-th largest logit of each row (what top-k
 filtering needs) at VAR's last scale (B 8 x 256 positions, V 4096, the official top-k 900):
@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     print(f"{args.rows} rows x V {args.vocab}, k {k}, device {jax.devices()[0].platform}")
     for name, fn in ways.items():
         same = bool(jnp.all(fn(x) == want))
-        print(f"  k-th largest by {name:<20s} {_best_ms(fn, x, args.reps):8.1f} ms  (equal to lax.top_k: {same})")
+        print(f"  k-th largest by {name:<20s} {_best_ms(fn, x, args.reps):8.1f} ms  "
+              f"(equal to lax.top_k: {same})")
     filt = jax.jit(lambda x: var_sampling.top_k_top_p_filter(x, k, args.top_p))
     print(f"  VAR top-k {k} + top-p {args.top_p} filter  {_best_ms(filt, x, args.reps):8.1f} ms")
 

@@ -65,7 +65,8 @@ def main(argv=None):
     labels = jnp.arange(B, dtype=jnp.int32) * 97 % cfg.num_classes
     tokens = B * cfg.L
     print(f"BENCH-VAR: depth {cfg.depth}, C {cfg.C}, heads {cfg.num_heads}, L {cfg.L}, V {cfg.vocab_size}, "
-          f"batch {B}, {args.dtype}, top_k {args.top_k}, top_p {args.top_p}, devices {jax.devices()}; "
+          f"batch {B}, {args.dtype}, top_k {args.top_k}, top_p {args.top_p}, "
+          f"devices {jax.devices()}; "
           f"{host_malloc.describe()}")
 
     modes = [("guidance-free (cfg 0, B rows, KV cache)", vs.VARSampleOptions(0.0, args.top_k, args.top_p)),

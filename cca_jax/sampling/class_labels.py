@@ -39,7 +39,8 @@ def resolve(label_B: Labels, rng: jax.Array, *, num_classes: int, batch: Optiona
     if not isinstance(label_B, jax.core.Tracer):
         arr = np.asarray(label_B)
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"label_B must be a 1-D integer array [B], got {arr.dtype} {arr.shape}.")
+            raise ValueError(f"label_B must be a 1-D integer array [B], got {arr.dtype} "
+                             f"{arr.shape}.")
         if batch is not None and arr.shape[0] != int(batch):
             raise ValueError(f"label_B has {arr.shape[0]} labels but batch={batch}.")
         top = num_classes if allow_null else num_classes - 1
@@ -47,6 +48,7 @@ def resolve(label_B: Labels, rng: jax.Array, *, num_classes: int, batch: Optiona
         if bad.size:
             null = (f"; {num_classes} is the null (unconditional) class" if allow_null
                     else "; this model has no null class row")
-            raise ValueError(f"label_B has labels outside [0, {top}]: {sorted(set(bad.tolist()))[:8]}. "
+            shown = sorted(set(bad.tolist()))[:8]
+            raise ValueError(f"label_B has labels outside [0, {top}]: {shown}. "
                              f"Classes are 0..{num_classes - 1}{null}.")
     return jnp.asarray(label_B, jnp.int32), rng

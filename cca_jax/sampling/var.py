@@ -134,7 +134,8 @@ def _generate(var_params, vq_params, label_B, rng, *, cfg: VARConfig, vq_cfg: vq
     B = label_B.shape[0]
     S = cfg.num_scales
     model = VAR(cfg, dtype)
-    var_params = matmul.cast_kernels(var_params, dtype, keep=FLOAT32_KERNELS)  # cast once, not per scale
+    # 16-bit kernels cast once, not per scale
+    var_params = matmul.cast_kernels(var_params, dtype, keep=FLOAT32_KERNELS)
     label_B = jnp.asarray(label_B, jnp.int32)
     labels = (jnp.concatenate([label_B, jnp.full_like(label_B, cfg.num_classes)])
               if opts.guided else label_B)
