@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.synthetic_size = 1024  # synthetic: number of random examples
     c.data.on_bad_record = "error"  # error | skip (skipped records are counted in the logs)
+    # further crop sets of the same images, comma-separated (LlamaGen's optional ten_crop_105
+    # codes): each example then comes from each set with equal probability, as the official dataset
+    c.data.mix_paths = ""
     c.data.views = "random"  # random: one augmentation (view) per image per epoch | all: every record
     c.data.prefetch = 2  # batches read ahead by a background thread (0: read in the caller)
     c.data.tokenizer_checksum = ""  # if set, must equal the dataset's tokenizer checksum

@@ -3,7 +3,9 @@
 Official extraction (data.md §1, ``extract_codes_c2i.py --ten-crop --crop-range 1.1
 --image-size 384``): ADM centre crop to 422 px, TenCrop(384) → 10 views per image, 1,281,167 × 10
 records of 576 int16 tokens (~14.8 GB). The optional second set (``imagenet_code_c2i_flip_ten_crop_105``)
-is ``--config.tokenize.crop_range=1.05 --config.tokenize.name=imagenet384_vq16_ten_crop_105``.
+is ``--config.tokenize.crop_range=1.05 --config.tokenize.name=imagenet384_vq16_ten_crop_105``
+(written to another ``config.data.path``); training reads both, each example from either set with
+probability 1/2 as the official dataset, with ``--config.data.mix_paths=<that directory>``.
 
     python -m cca_jax.main --config=configs/tokenize_imagenet_llamagen_384.py:CKPT_DIR \
         --config.tokenize.input_dir=/data/imagenet/train \

@@ -325,3 +325,62 @@ def test_simulated_processes_write_disjoint_shards(tmp_path):
     store = reader.ShardStore(p)
     exs = store.read(np.arange(14))
     assert [e["tokens"].tolist() for e in exs] == tokens.reshape(14, 3).tolist()
+
+
+def _second_crop_set(tmp_path, labels, seed=11, **kw):
+    """Another crop set of the dataset's images: the same labels, other tokens."""
+    path = str(tmp_path / "crop_105")
+    g = np.random.default_rng(seed)
+    n = kw.pop("num_images", N)
+    tokens = g.integers(0, VOCAB, (n, V, L))
+    testing.write_token_dataset(path, tokens, labels[:n], vocab_size=VOCAB, num_classes=CLASSES,
+                                images_per_shard=kw.pop("images_per_shard", 16), **kw)
+    return path, tokens
+
+
+def test_crop_set_mix_draws_each_set_half_the_time_with_the_image_label(dataset, tmp_path):
+    path, _, tokens_a, labels = dataset
+    path_b, tokens_b = _second_crop_set(tmp_path, labels)
+    look_a, look_b = _lookup(tokens_a, labels), _lookup(tokens_b, labels)
+    it = reader.make_dataset(_config(path, mix_paths=f" {path_b} ,"), prefetch=0)
+    assert isinstance(it.store, reader.CropSetMix)
+    assert it.store.num_views == 2 * V and it.epoch_size == N
+    from_b, images = 0, []
+    for _ in range(60):  # 720 examples, about 19 epochs
+        b = next(it)
+        for t, lab in zip(b["tokens"], b["labels"]):
+            key = t.tobytes()
+            i, v, true_label = look_b[key] if key in look_b else look_a[key]
+            from_b += key in look_b
+            assert lab == true_label
+            images.append(i)
+    assert sorted(images[:N]) == list(range(N))  # still every image once per epoch
+    assert 0.4 < from_b / 720 < 0.6  # binomial(720, 1/2): 5 sd either side
+    # views="all": every record of both sets once per epoch
+    it_all = reader.make_dataset(_config(path, mix_paths=path_b, views="all"), prefetch=0,
+                                 global_batch_size=2 * N * V, rows=np.arange(2 * N * V))
+    seen = sorted((key in look_b,) + (look_b[key] if key in look_b else look_a[key])[:2]
+                  for key in (t.tobytes() for t in next(it_all)["tokens"]))
+    assert seen == sorted((s, i, v) for s in (False, True) for i in range(N) for v in range(V))
+    # record ids of the mix map to the right set's shard and record
+    rid = 5 * 2 * V + V + 2  # image 5, set b, view 2
+    f, li = it.store.locate(rid)
+    assert f.startswith(path_b) and li == 5 * V + 2
+    # a saved state of the mixed stream does not restore onto one crop set
+    plain = reader.make_dataset(_config(path), prefetch=0)
+    with pytest.raises(ValueError, match="num_records"):
+        plain.set_state(it.get_state())
+
+
+def test_crop_set_mix_refuses_other_images(dataset, tmp_path):
+    path, _, _, labels = dataset
+    fewer, _ = _second_crop_set(tmp_path, labels, num_images=N - 1)
+    with pytest.raises(reader.MetadataMismatchError, match="num_images"):
+        reader.make_dataset(_config(path, mix_paths=fewer), prefetch=0)
+    other_tmp = tmp_path / "other"
+    other_tmp.mkdir()
+    renamed, _ = _second_crop_set(other_tmp, labels, name="other_images")
+    with pytest.raises(reader.MetadataMismatchError, match="source"):
+        reader.make_dataset(_config(path, mix_paths=renamed), prefetch=0)
+    with pytest.raises(FileNotFoundError, match="config.data.mix_paths"):
+        reader.make_dataset(_config(path, mix_paths=str(tmp_path / "missing")), prefetch=0)

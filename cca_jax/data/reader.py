@@ -233,6 +233,75 @@ class ShardStore:
             self._readers.clear()
 
 
+def _source_identity(meta: Mapping[str, Any]) -> dict:
+    """The dataset's source description without where it was read from (a copy of ImageNet at
+    another path is the same images)."""
+    return {k: v for k, v in (meta.get("source") or {}).items() if k not in ("root", "data_dir")}
+
+
+class CropSetMix:
+    """Several crop sets of the same images as one store whose views are all of theirs.
+
+    LlamaGen's dataset optionally reads a second code set extracted with ``--crop-range 1.05``
+    (``…ten_crop_105``) and takes each example from either set with probability 1/2 (data.md
+    §1.4). Here set ``s``'s view ``v`` becomes view ``s·V + v`` of the image, so ``views="random"``
+    (a uniform view per image per epoch) picks a set uniformly and then a crop uniformly — the
+    official distribution — and ``views="all"`` reads every record of every set once per epoch.
+    The sets must be the same images in the same order (the tokenize job run twice on one input)
+    with the same views count, tokenizer and classes; anything else is refused.
+    """
+
+    def __init__(self, stores: Sequence[ShardStore]):
+        if len(stores) < 2:
+            raise ValueError("CropSetMix needs at least two crop sets.")
+        first = stores[0]
+        for other in stores[1:]:
+            diff = [k for k in ("num_images", "num_views", "num_classes", "vocab_size",
+                                "tokens_per_example")
+                    if getattr(other, k) != getattr(first, k)]
+            m0, m1 = first.meta, other.meta
+            if _source_identity(m1) != _source_identity(m0):
+                diff.append("source (the images tokenized)")
+            if m1.get("tokenizer", {}).get("checksum") != m0.get("tokenizer", {}).get("checksum"):
+                diff.append("tokenizer checksum")
+            if diff:
+                raise MetadataMismatchError(
+                    f"config.data.mix_paths: {other.path} is not another crop set of "
+                    f"{first.path}; they differ in {', '.join(diff)}. Tokenize the same input "
+                    "with the same tokenizer, changing only config.tokenize.crop_range (and name).")
+        self.stores = list(stores)
+        self.path = " + ".join(s.path for s in self.stores)
+        self.meta = dict(first.meta, crop_sets=[s.path for s in self.stores])
+        self.set_views = first.num_views
+        self.num_images, self.num_classes = first.num_images, first.num_classes
+        self.num_views = self.set_views * len(self.stores)
+        self.num_records = self.num_images * self.num_views
+        self.tokens_per_example, self.vocab_size = first.tokens_per_example, first.vocab_size
+
+    def _split(self, rids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record ids of the mix → (crop set index, record id within that set)."""
+        image, view = np.divmod(np.asarray(rids, np.int64), self.num_views)
+        which, local_view = np.divmod(view, self.set_views)
+        return which, image * self.set_views + local_view
+
+    def locate(self, rid: int) -> tuple[str, int]:
+        which, local = self._split(np.asarray([rid]))
+        return self.stores[int(which[0])].locate(int(local[0]))
+
+    def read(self, rids: np.ndarray) -> list:
+        which, local = self._split(rids)
+        out: list = [None] * len(local)
+        for s in np.unique(which):
+            sel = np.nonzero(which == s)[0]
+            for i, ex in zip(sel, self.stores[int(s)].read(local[sel])):
+                out[i] = ex
+        return out
+
+    def close(self):
+        for s in self.stores:
+            s.close()
+
+
 class SyntheticStore:
     """``num_images`` deterministic random examples (tokens uniform in [0, V), labels uniform in
     [0, num_classes)) for smoke tests (``config.data.source = "synthetic"``)."""
@@ -506,6 +575,13 @@ def check_metadata(meta: Mapping[str, Any], config, path: str = "") -> None:
               "with the matching configs/tokenize_*.py.")
 
 
+def _split_paths(paths) -> list[str]:
+    """``config.data.mix_paths``: comma-separated directories (or a list) → list of paths."""
+    if isinstance(paths, str):
+        paths = paths.split(",")
+    return [p.strip() for p in paths if p and p.strip()]
+
+
 def make_dataset(config, *, process_index: int | None = None, process_count: int | None = None,
                  global_batch_size: int | None = None, rows: Sequence[int] | None = None,
                  prefetch: int | None = None) -> TokenIterator:
@@ -513,6 +589,8 @@ def make_dataset(config, *, process_index: int | None = None, process_count: int
 
     ``config.data.source``: ``shards`` (``config.data.path`` from the tokenize job) or
     ``synthetic`` (``config.data.synthetic_size`` random examples shaped by ``config.model``).
+    ``config.data.mix_paths``: further crop sets of the same images read as one dataset
+    (:class:`CropSetMix`; LlamaGen's optional ``ten_crop_105`` set).
     """
     p = jax.process_index() if process_index is None else int(process_index)
     P = jax.process_count() if process_count is None else int(process_count)
@@ -530,9 +608,18 @@ def make_dataset(config, *, process_index: int | None = None, process_count: int
         if not d.path:
             raise ValueError("config.data.path is empty; set it to the directory written by the "
                              "tokenize job (configs/tokenize_*.py).")
-        meta = writer.read_metadata(d.path)
-        check_metadata(meta, config, d.path)
-        store = ShardStore(d.path, meta)
+        stores = []
+        mix = _split_paths(d.get("mix_paths", ""))
+        for path in [d.path, *mix]:
+            try:
+                meta = writer.read_metadata(path)
+            except FileNotFoundError as e:
+                if path == d.path:
+                    raise
+                raise FileNotFoundError(f"config.data.mix_paths: {e}") from None
+            check_metadata(meta, config, path)
+            stores.append(ShardStore(path, meta))
+        store = stores[0] if len(stores) == 1 else CropSetMix(stores)
     else:
         raise ValueError(f"config.data.source={d.source!r}; choose shards or synthetic.")
     return TokenIterator(
