@@ -171,3 +171,38 @@ def test_dense_is_the_einsum_over_trailing_axes(x_shape, k_shape, in_axes, spec,
 def test_dense_rejects_mismatched_input_axes():
     with pytest.raises(ValueError, match=r"input axes \(5, 16\) do not match the kernel's \(4, 16\)"):
         matmul.dense(jnp.ones((2, 5, 16)), jnp.ones((4, 16, 3)), in_axes=2)
+
+
+@pytest.mark.parametrize("y_shape,b_shape", [((4, 6, 24), (24,)), ((3, 5, 4, 8), (4, 8)),
+                                             ((2, 9, 1), (1,))])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_bias_matches_autodiff_of_the_plain_add(y_shape, b_shape, dtype):
+    ky, kb, kg = jax.random.split(jax.random.key(1), 3)
+    y = jax.random.normal(ky, y_shape).astype(dtype)
+    bias = jax.random.normal(kb, b_shape)  # a float32 master parameter
+    # small integers: every partial sum is exact, so any summation order gives the same bits
+    g = jax.random.randint(kg, y_shape, -8, 9).astype(dtype)
+    mine = jax.vjp(matmul.add_bias, y, bias)
+    plain = jax.vjp(lambda y, b: y + b.astype(y.dtype), y, bias)
+    assert mine[0].dtype == dtype
+    np.testing.assert_array_equal(np.asarray(mine[0], np.float32), np.asarray(plain[0], np.float32))
+    (dy, db), (dy_ref, db_ref) = mine[1](g), plain[1](g)
+    assert db.dtype == jnp.float32 and db.shape == b_shape and dy.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(dy, np.float32), np.asarray(dy_ref, np.float32))
+    np.testing.assert_array_equal(db, db_ref)
+    # the column sum of general values: float32 accumulation, rounded to the compute dtype
+    g = jax.random.normal(kg, y_shape).astype(dtype)
+    want = np.asarray(g, np.float64).reshape(-1, *b_shape).sum(0)
+    tol = 2.0 ** -8 if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(mine[1](g)[1], want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_bf16_bias_gradient_is_a_dot_not_a_reduction():
+    """XLA:CPU splits a 16-bit column sum into a slow reduce-window; the bias gradient is the
+    product ones @ g instead."""
+    y, bias = jnp.ones((4, 64, 32), jnp.bfloat16), jnp.zeros((32,))
+    grad = jax.grad(lambda b, y: jnp.sum(matmul.add_bias(y, b).astype(jnp.float32) ** 2))
+    jaxpr = str(jax.make_jaxpr(grad)(bias, y))
+    assert "dot_general" in jaxpr and jaxpr.count("reduce_sum") == 1  # the loss's own sum
+    plain = jax.grad(lambda b, y: jnp.sum((y + b.astype(y.dtype)).astype(jnp.float32) ** 2))
+    assert str(jax.make_jaxpr(plain)(bias, y)).count("reduce_sum") >= 2

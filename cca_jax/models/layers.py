@@ -47,7 +47,8 @@ class Dense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         y = matmul.dense(x, kernel, dtype=self.dtype)
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+            y = matmul.add_bias(y, self.param("bias", self.bias_init, (self.features,),
+                                               self.param_dtype))
         return y
 
 

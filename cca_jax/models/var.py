@@ -251,7 +251,8 @@ class HeadsDense(nn.Module):
                             jnp.float32)
         y = matmul.dense(x, kernel, in_axes=self.in_axes, dtype=self.dtype)
         if self.bias_init is not None:
-            y = y + self.param("bias", self.bias_init, tuple(self.features), jnp.float32).astype(self.dtype)
+            bias = self.param("bias", self.bias_init, tuple(self.features), jnp.float32)
+            y = matmul.add_bias(y, bias)
         return y
 
 
@@ -290,7 +291,7 @@ class AdaLinear(nn.Module):
         bias = self.param("bias", _part(_zeros, (None, "norm")), (self.n, self.features), jnp.float32)
         h = jax.nn.silu(cond_BD.astype(self.dtype))
         out = matmul.einsum("bd,dnc->bnc", h, kernel, dtype=self.dtype)
-        return out + bias.astype(self.dtype)
+        return matmul.add_bias(out, bias)
 
 
 class SelfAttention(nn.Module):
@@ -312,9 +313,9 @@ class SelfAttention(nn.Module):
 
         q_bias = self.param("q_bias", _part(_zeros, ("heads", "kv")), (H, D), jnp.float32)
         v_bias = self.param("v_bias", _part(_zeros, ("heads", "kv")), (H, D), jnp.float32)
-        q = proj_in("query") + q_bias.astype(self.dtype)
+        q = matmul.add_bias(proj_in("query"), q_bias)
         k = proj_in("key")  # the official zero_k_bias buffer adds nothing
-        v = proj_in("value") + v_bias.astype(self.dtype)
+        v = matmul.add_bias(proj_in("value"), v_bias)
         names = ("act_batch", "act_length", "act_heads", "act_kv")
         q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
 
