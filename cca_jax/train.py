@@ -12,9 +12,12 @@ One jitted, sharded step per optimizer update (spec ../shared/spec/cca.md):
 3. the micro-step gradients are summed, scaled for the accumulation mode (optim.py), clipped and
    applied by AdamW; a non-finite loss or gradient leaves params and optimizer state unchanged
    and is reported (``config.train.nonfinite``: ``error`` stops the run naming the step,
-   ``skip`` logs it and goes on).
+   ``skip`` logs it and goes on). With float16 compute the loss is scaled as torch's GradScaler
+   does (loss_scale.py): there an overflowing step is routine, skipped and logged, and only a
+   non-finite step at a loss scale below 1 counts as non-finite above.
 
-State: :class:`TrainState` (step, policy params, optimizer state, base rng). The frozen reference
+State: :class:`TrainState` (step, policy params, optimizer state, base rng; the loss scale in
+float16 runs). The frozen reference
 params are a separate argument (never differentiated, optionally bfloat16). Randomness of step
 ``k`` is ``fold_in(rng, k)`` (threefry, partitionable: the same bits on any mesh), so a resumed
 run, or one on another device count, draws exactly what an uninterrupted one would.
@@ -51,6 +54,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cca_jax import families, losses, optim, sharding
+from cca_jax import loss_scale as loss_scale_lib
 
 BATCH_AXES = ("data", "fsdp")
 HPARAM_SECTIONS = ("seed", "model", "init", "loss", "optim", "train", "mesh", "data")
@@ -64,16 +68,23 @@ class TrainState:
     params: Any  # policy params (float32 master weights)
     opt_state: Any
     rng: jax.Array  # uint32[2] base key; step k uses fold_in(rng, k)
+    loss_scale: Optional[loss_scale_lib.LossScaleState] = None  # float16 runs only
 
     def to_tree(self) -> dict:
         """The dict saved in checkpoints (``params`` at the top, as the samplers expect)."""
-        return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
+        tree = {"step": self.step, "params": self.params, "opt_state": self.opt_state,
                 "rng": self.rng}
+        if self.loss_scale is not None:
+            tree["loss_scale"] = {"scale": self.loss_scale.scale,
+                                  "good_steps": self.loss_scale.good_steps}
+        return tree
 
     @classmethod
     def from_tree(cls, tree: dict) -> "TrainState":
+        ls = tree.get("loss_scale")
         return cls(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
-                   rng=tree["rng"])
+                   rng=tree["rng"],
+                   loss_scale=None if ls is None else loss_scale_lib.LossScaleState(**ls))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +103,7 @@ class StepOptions:
     accum_scale: float = 1.0
     compute_dtype: Any = jnp.float32
     token_metrics: bool = True
+    loss_scale: Optional[loss_scale_lib.LossScaleOptions] = None
 
     @classmethod
     def from_config(cls, config) -> "StepOptions":
@@ -108,7 +120,8 @@ class StepOptions:
                    accum_steps=int(config.optim.grad_accum_steps),
                    accum_scale=optim.accumulation_scale(config.optim),
                    compute_dtype=families.parse_dtype(config.train.compute_dtype),
-                   token_metrics=bool(config.train.get("token_metrics", True)))
+                   token_metrics=bool(config.train.get("token_metrics", True)),
+                   loss_scale=loss_scale_lib.from_config(config.train))
 
 
 # ================================================================================ the objective
@@ -133,13 +146,16 @@ def _cast_kernels(params, dtype):
 
 def micro_loss_and_grads(params, ref_params, tokens_BL, labels_B, key, aux, *,
                          family: families.Family, opts: StepOptions,
-                         uncond_B: Optional[jax.Array] = None):
+                         uncond_B: Optional[jax.Array] = None, scale=None):
     """Loss, metrics, gradients and per-sample extras of one micro-batch.
 
     Returns ``(loss, metrics, grads, extras)``; ``extras`` holds ``policy_logp [B, 2]`` and
     ``ref_logp [B, 2]`` (column 0: positive condition, 1: negative) and the labels fed to the
-    models. ``uncond_B`` overrides the drawn TBM mask (parity tests).
+    models. ``uncond_B`` overrides the drawn TBM mask (parity tests). ``scale`` (float32 scalar,
+    a power of two): the loss is differentiated times ``scale`` (float16 loss scaling) and the
+    loss and gradients are returned divided by it again.
     """
+
     k_lab, k_pol, k_ref = jax.random.split(key, 3)
     B, L = tokens_BL.shape
     dtype = opts.compute_dtype
@@ -160,7 +176,7 @@ def micro_loss_and_grads(params, ref_params, tokens_BL, labels_B, key, aux, *,
                 m.update(losses.token_metrics_from(tok_BL, top1_BL, last_l=family.last_l))
             return out.loss, (m, {"policy_logp": logp_B[:, None], "pos_labels": y_B})
 
-        (loss, (m, extras)), g = jax.value_and_grad(f, has_aux=True)(params)
+        (loss, (m, extras)), g = _value_and_grad(f, params, scale)
         return loss, m, g, extras
 
     lab = losses.build_cca_labels(labels_B, null_label=family.null_label, rng=k_lab,
@@ -193,8 +209,22 @@ def micro_loss_and_grads(params, ref_params, tokens_BL, labels_B, key, aux, *,
                   "mixed_weight": out.mixed_weight_B}
         return out.loss, (m, extras)
 
-    (loss, (m, extras)), g = jax.value_and_grad(f, has_aux=True)(params)
+    (loss, (m, extras)), g = _value_and_grad(f, params, scale)
     return loss, m, g, extras
+
+
+def _value_and_grad(f, params, scale):
+    """``jax.value_and_grad(f, has_aux=True)(params)``; with a loss ``scale``, of ``scale · loss``
+    with the gradients divided by ``scale`` again (exact for a power of two)."""
+    if scale is None:
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    def scaled(p):
+        loss, aux = f(p)
+        return loss * scale, (loss, aux)
+
+    (_, (loss, aux)), g = jax.value_and_grad(scaled, has_aux=True)(params)
+    return (loss, aux), jax.tree_util.tree_map(lambda x: x / scale, g)
 
 
 def _combine_metrics(ms: dict) -> dict:
@@ -227,7 +257,8 @@ def make_train_step(family: families.Family, tx: optax.GradientTransformation,
         tokens, labels = batch["tokens"], batch["labels"].astype(jnp.int32)
         uncond = batch.get("uncond_mask")
         B = tokens.shape[0]
-        run = functools.partial(micro_loss_and_grads, family=family, opts=opts)
+        scale = None if opts.loss_scale is None else state.loss_scale.scale
+        run = functools.partial(micro_loss_and_grads, family=family, opts=opts, scale=scale)
         if A == 1:
             loss, metrics, grads, _ = run(state.params, ref_params, tokens, labels,
                                           jax.random.fold_in(key, 0), aux, uncond_B=uncond)
@@ -261,12 +292,16 @@ def make_train_step(family: families.Family, tx: optax.GradientTransformation,
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
             lambda n, o: jnp.where(finite, n, o), new, old)
+        new_scale = (None if opts.loss_scale is None else
+                     loss_scale_lib.update(state.loss_scale, finite, opts.loss_scale))
         new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                                opt_state=optim.advance_schedules(keep(new_opt, state.opt_state),
                                                                  new_opt),
-                               rng=state.rng)
+                               rng=state.rng, loss_scale=new_scale)
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedules.lr(state.step),
                        weight_decay=schedules.wd(state.step), finite=finite.astype(jnp.float32))
+        if scale is not None:
+            metrics["loss_scale"] = scale
         return new_state, metrics
 
     return step
@@ -308,8 +343,10 @@ class Trainer:
         opt_shardings = optax.tree_map_params(
             self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
             transform_non_params=lambda _: repl)
-        self.state_shardings = TrainState(step=repl, params=self.param_shardings,
-                                          opt_state=opt_shardings, rng=repl)
+        self.state_shardings = TrainState(
+            step=repl, params=self.param_shardings, opt_state=opt_shardings, rng=repl,
+            loss_scale=(None if self.opts.loss_scale is None else
+                        loss_scale_lib.LossScaleState(scale=repl, good_steps=repl)))
         self.ref_dtype = families.parse_dtype(config.train.reference_dtype,
                                               "config.train.reference_dtype")
         self.batch_shardings = {"tokens": sharding.batch_sharding(self.mesh, 2),
@@ -352,7 +389,9 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         opt = jax.eval_shape(self.tx.init, self.abstract_params)
         return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
-                          opt_state=opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                          opt_state=opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                          loss_scale=(None if self.opts.loss_scale is None else
+                                      loss_scale_lib.abstract()))
 
     def init_state(self, params=None, *, seed: int = 0, with_reference: bool = False):
         """Fresh ``(state, reference)`` from ``params`` (global arrays or host numpy), or from the
@@ -373,7 +412,9 @@ class Trainer:
                     p = sharding.strip_boxes(self.family.init_boxed(jax.random.key(seed_)))
                 state = TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                    opt_state=self.tx.init(p),
-                                   rng=jax.random.PRNGKey(seed_ + 1))
+                                   rng=jax.random.PRNGKey(seed_ + 1),
+                                   loss_scale=(None if self.opts.loss_scale is None else
+                                               loss_scale_lib.init(self.opts.loss_scale)))
                 ref = (jax.tree_util.tree_map(lambda x: jnp.array(x, dt, copy=True), p)
                        if with_reference else None)
                 return state, ref
@@ -639,9 +680,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
         local = {k: v if getattr(v, "is_fully_addressable", True) else v.addressable_data(0)
                  for k, v in step_metrics.items()}
         m = {k: float(v) for k, v in jax.device_get(local).items()}
-        if m["finite"] < 1.0:
+        if m["finite"] < 1.0 and m.get("loss_scale", 0.0) >= 1.0:
+            # float16 overflow under loss scaling: routine, the scaler backs off (torch's too)
+            logging.info("Step %d overflowed at loss scale %g: update skipped, scale halved.",
+                         step_no, m["loss_scale"])
+        elif m["finite"] < 1.0:
             msg = (f"Non-finite loss or gradient at step {step_no} (loss={m['loss']}, "
-                   f"grad_norm={m['grad_norm']}); the update was not applied.")
+                   f"grad_norm={m['grad_norm']}"
+                   + (f", loss scale {m['loss_scale']:g}" if "loss_scale" in m else "")
+                   + "); the update was not applied.")
             if nonfinite_mode == "error":
                 raise FloatingPointError(msg + " Lower config.optim.lr / check the data, or set "
                                          "config.train.nonfinite='skip' to skip such steps.")

@@ -64,7 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_steps = -1  # optimizer steps; < 0: num_epochs over the dataset
     c.train.keep_dropout = True  # policy and reference keep dropout/drop path, independent masks
     #   (official recipes); False: every dropout/drop-path rate 0 (class-label dropout kept)
-    c.train.compute_dtype = "float32"  # float32 | bfloat16 (fp32 master weights either way)
+    c.train.compute_dtype = "float32"  # float32 | bfloat16 | float16 (fp32 master weights always)
+    c.train.loss_scale = "auto"  # auto (dynamic for float16) | dynamic | none: GradScaler-style
+    #   loss scaling (cca_jax/loss_scale.py): overflowing steps are skipped and halve the scale
+    c.train.loss_scale_init = 2.0 ** 11  # torch GradScaler's init_scale as VAR sets it
+    c.train.loss_scale_growth_interval = 1000  # finite steps in a row before the scale doubles
+    c.train.loss_scale_cap = 0.0  # > 0: a step run above it resets the scale to it (VAR: 2^15)
     c.train.reference_dtype = "float32"  # dtype the frozen reference is held in
     c.train.remat = False  # rematerialise transformer blocks to save activation memory
     c.train.nonfinite = "error"  # error | skip: what a non-finite loss/gradient does (the update

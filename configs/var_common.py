@@ -122,7 +122,11 @@ def cca_recipe(config: ml_collections.ConfigDict, *, accum: int, lambda_: float,
     config.train.num_epochs = 1.0  # the official run makes 5004 optimizer steps
     config.train.num_steps = -1
     config.train.keep_dropout = True  # the reference runs in train mode (drop path) too
-    config.train.compute_dtype = "bfloat16"  # the official run uses fp16 autocast (--fp16=1)
+    # The official run uses fp16 autocast (--fp16=1) with a GradScaler; bf16 is the TPU's 16-bit
+    # type and needs no scaling. --config.train.compute_dtype=float16 runs the official scheme
+    # (loss_scale "auto" turns the scaler on, capped at 2^15 as VAR's trainer does).
+    config.train.compute_dtype = "bfloat16"
+    config.train.loss_scale_cap = 2.0 ** 15
     return config
 
 
