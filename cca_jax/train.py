@@ -17,10 +17,10 @@ One jitted, sharded step per optimizer update (spec ../shared/spec/cca.md):
    non-finite step at a loss scale below 1 counts as non-finite above.
 
 State: :class:`TrainState` (step, policy params, optimizer state, base rng; the loss scale in
-float16 runs). The frozen reference
-params are a separate argument (never differentiated, optionally bfloat16). Randomness of step
-``k`` is ``fold_in(rng, k)`` (threefry, partitionable: the same bits on any mesh), so a resumed
-run, or one on another device count, draws exactly what an uninterrupted one would.
+float16 runs). The frozen reference params are a separate argument (never differentiated,
+optionally bfloat16). Randomness of step ``k`` is ``fold_in(rng, k)`` (threefry, partitionable:
+the same bits on any mesh), so a resumed run, or one on another device count, draws exactly what
+an uninterrupted one would.
 Params and optimizer state are sharded from ``jax.eval_shape`` + the logical rules
 (sharding.py), the batch over ``data × fsdp``; the state is donated; everything is traced under
 ``sharding.use_mesh`` so the models' logical activation constraints take effect.
@@ -155,7 +155,6 @@ def micro_loss_and_grads(params, ref_params, tokens_BL, labels_B, key, aux, *,
     a power of two): the loss is differentiated times ``scale`` (float16 loss scaling) and the
     loss and gradients are returned divided by it again.
     """
-
     k_lab, k_pol, k_ref = jax.random.split(key, 3)
     B, L = tokens_BL.shape
     dtype = opts.compute_dtype
