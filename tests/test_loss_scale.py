@@ -159,3 +159,15 @@ def test_var_float16_step_is_close_to_float32():
     assert float(out["float16"]["finite"]) == 1.0
     for k in ("sft_loss", "shuffle_sft_loss", "grad_norm"):
         np.testing.assert_allclose(float(out["float16"][k]), float(out["float32"][k]), rtol=2e-2)
+
+
+def test_loss_scale_is_replicated_on_a_sharded_mesh():
+    c = tiny_config(num_steps=1, fsdp=2)
+    c.train.compute_dtype = "float16"
+    tr = train.Trainer(c, total_steps=1, devices=jax.devices()[:2])
+    state, ref = tr.init_state(perturbed_init(tr.family), with_reference=True)
+    state, m = tr.step(state, ref, tr.global_batch(_batch()), None)
+    assert float(m["loss_scale"]) == 2048.0 and float(m["finite"]) == 1.0
+    for x in (state.loss_scale.scale, state.loss_scale.good_steps):
+        assert x.sharding.is_fully_replicated and len(x.sharding.device_set) == 2
+    assert int(state.loss_scale.good_steps) == 1
