@@ -234,6 +234,12 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
+    def saved_state_keys(self, step: int) -> set[str]:
+        """Top-level entries of the train state saved at ``step`` (read from its metadata)."""
+        with ocp.PyTreeCheckpointer() as ckptr:
+            tree = ckptr.metadata(self.directory / str(int(step)) / STATE_ITEM).item_metadata.tree
+        return set(tree) if isinstance(tree, Mapping) else set()
+
     def should_save(self, step: int) -> bool:
         return self._mngr.should_save(int(step))
 

@@ -644,11 +644,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
     host_params = initial_params(config, family)  # checks the inputs before writing anything
     seed = int(config.seed)
     ckpt = ckpt_lib.CheckpointManager.from_config(config, workdir)
-    abstract = trainer.abstract_state().to_tree()
-    restored = ckpt.restore_latest(abstract, trainer.state_shardings.to_tree())
+    abstract, shardings = _restorable_state(trainer, ckpt)
+    restored = ckpt.restore_latest(abstract, shardings)
     need_ref = config.loss.type != "mle"
     if restored is not None:
-        state = TrainState.from_tree(restored.state)
+        state = _with_own_loss_scale(TrainState.from_tree(restored.state), trainer)
         data.restore(restored.data_state)
         ref_params = trainer.reference_params(host_params, seed=seed) if need_ref else None
         logging.info("Resumed from step %d", restored.step)
@@ -742,6 +742,40 @@ def train_and_evaluate(config, workdir: str, *, devices=None, trainer: Trainer =
             data.close()
     return {"step": int(_host(state.step)), "history": history, "evals": evals, "state": state,
             "trainer": trainer, "ref_params": ref_params}
+
+
+def _restorable_state(trainer: Trainer, ckpt) -> tuple[dict, dict]:
+    """The abstract train state (and shardings) to restore the newest checkpoint into: this run's,
+    with the float16 loss scale added or left out as the checkpoint has it, so that a run can
+    resume in another precision (see :func:`_with_own_loss_scale`)."""
+    abstract = trainer.abstract_state().to_tree()
+    shardings = trainer.state_shardings.to_tree()
+    step = ckpt.latest_step()
+    if step is None:
+        return abstract, shardings
+    saved = "loss_scale" in ckpt.saved_state_keys(step)
+    if saved and "loss_scale" not in abstract:
+        repl = _replicated(trainer.mesh)
+        ls = loss_scale_lib.abstract()
+        abstract["loss_scale"] = {"scale": ls.scale, "good_steps": ls.good_steps}
+        shardings["loss_scale"] = {"scale": repl, "good_steps": repl}
+    elif not saved:
+        abstract.pop("loss_scale", None)
+        shardings.pop("loss_scale", None)
+    return abstract, shardings
+
+
+def _with_own_loss_scale(state: TrainState, trainer: Trainer) -> TrainState:
+    """A restored state with this run's loss scaling: dropped when the run has none, started
+    afresh when the checkpoint (written without float16 scaling) had none."""
+    opts = trainer.opts.loss_scale
+    if opts is None:
+        return state.replace(loss_scale=None)
+    if state.loss_scale is None:
+        logging.warning("The checkpoint has no float16 loss scale; starting it at %g.", opts.init)
+        fresh = jax.device_put(loss_scale_lib.init(opts), _replicated(trainer.mesh))
+        return state.replace(loss_scale=fresh)
+    return state
 
 
 def make_eval_hook(config, workdir: str, trainer: Trainer) -> Callable:

@@ -171,3 +171,22 @@ def test_loss_scale_is_replicated_on_a_sharded_mesh():
     for x in (state.loss_scale.scale, state.loss_scale.good_steps):
         assert x.sharding.is_fully_replicated and len(x.sharding.device_set) == 2
     assert int(state.loss_scale.good_steps) == 1
+
+
+def test_a_run_resumes_in_another_precision(tmp_path):
+    """float32 -> float16 starts the loss scale afresh; float16 -> bfloat16 drops it."""
+    c = tiny_config(num_steps=1)
+    c.train.ckpt_every = 1
+
+    def run(dtype, steps):
+        c.train.compute_dtype, c.train.num_steps = dtype, steps
+        return train.train_and_evaluate(c, str(tmp_path), trainer=train.Trainer(
+            c, total_steps=steps, devices=jax.devices()[:1]))
+
+    assert "loss_scale" not in run("float32", 1)["history"][0]
+    out = run("float16", 2)
+    assert [h["step"] for h in out["history"]] == [2]
+    assert out["history"][0]["loss_scale"] == 2048.0 and out["state"].loss_scale is not None
+    out = run("bfloat16", 3)
+    assert [h["step"] for h in out["history"]] == [3] and out["state"].loss_scale is None
+    assert "loss_scale" not in out["history"][0]
