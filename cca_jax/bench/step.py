@@ -16,8 +16,9 @@ model FLOP/s with
 where T = 2B·L tokens and N the parameters in per-token matmuls (transformer blocks and head;
 embedding tables and VAR's per-sample AdaLN projections excluded); attention counts the full
 L×L score matrix. The ratio is to a matmul peak measured on the same devices right after the
-step (a jitted 4096² float32 matmul, per device; with ``--dtype bfloat16`` also the bf16 x bf16 ->
-float32 peak, which on a CPU with AVX-512 BF16 is about twice the float32 one). Every figure is
+step (a jitted 4096² float32 matmul, per device; with a 16-bit ``--dtype`` also that dtype's
+16 x 16 -> float32 peak: for bf16 on a CPU with AVX-512 BF16 about twice the float32 one, for
+float16 on this CPU the same as float32). Every figure is
 given twice: from wall time, and from this process's CPU time divided by the cores (robust when
 other processes share the machine; the two agree on an idle one). A last line gives the minor
 page faults and kernel CPU time per step: on a CPU host the script re-executes itself with
@@ -153,7 +154,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3,
                     help="untimed steps: compile, then let the kept host heap reach its peak")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="compute dtype; float16 runs with dynamic loss scaling (loss_scale.py)")
     ap.add_argument("--no_dropout", action="store_true", help="keep_dropout=False")
     ap.add_argument("--matmul_n", type=int, default=4096)
     args = ap.parse_args(argv)
