@@ -122,4 +122,7 @@ def cca_config(size: str, image_size: int, checkpoint_dir: str | None = None
     c.sample.top_k = 0
     c.sample.top_p = 1.0
     c.sample.temperature = 1.0
+    # the official FID samplers cast the GPT to bf16 (--precision bf16) and decode with the VQ
+    # model in fp32; so does this (--config.sample.dtype=float32 samples in full precision)
+    c.sample.dtype = "bfloat16"
     return c

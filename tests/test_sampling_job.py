@@ -1,6 +1,7 @@
 """The sample job: ADM-format npz, label schemes, reproducibility and resume by chunks."""
 
 import dataclasses
+import re
 
 import numpy as np
 import jax
@@ -205,3 +206,20 @@ def test_cache_block_len_setting_reaches_the_llamagen_sampler(tmp_path):
         text = str(jax.make_jaxpr(s.generate)(s.params, s.tokenizer_params, labels, rng))
         assert ("f32[8,2,2,16]" in text) == (blk == 2)  # [2B, K, block, D] cache blocks
     np.testing.assert_array_equal(images[2], images[0])
+
+
+def test_sample_dtype_reaches_the_llamagen_transformer_only(tmp_path):
+    """config.sample.dtype (bf16 in the LlamaGen recipes, as the official FID sampler) runs the
+    transformer in bf16; the VQ decoder stays float32 and the output uint8."""
+    from configs import llamagen_common
+    assert llamagen_common.cca_config("B", 256).sample.dtype == "bfloat16"
+    c, tok = tiny_config(tmp_path)
+    labels, rng = jnp.arange(4, dtype=jnp.int32), jax.random.key(7)
+    c.sample.dtype = "bfloat16"
+    s = job.make_sampler(c, str(tmp_path / "run"), tokenizer_params=tok)
+    text = str(jax.make_jaxpr(s.generate)(s.params, s.tokenizer_params, labels, rng))
+    assert re.search(r"bf16\[8,2,\d+,16\]", text)  # the [2B, K, slots, D] KV cache
+    convs = re.findall(r"(\w+)\[[\d,]*\] = conv_general_dilated", text)
+    assert convs and set(convs) == {"f32"}  # the VQ decoder
+    img = np.asarray(jax.jit(s.generate)(s.params, s.tokenizer_params, labels, rng))
+    assert img.dtype == np.uint8 and img.shape == (4, 4, 4, 3)
