@@ -53,9 +53,10 @@ def from_config(train_config) -> Optional[LossScaleOptions]:
     enabled = mode == "dynamic" or (mode == "auto" and train_config.compute_dtype == "float16")
     if not enabled:
         return None
-    opts = LossScaleOptions(init=float(train_config.get("loss_scale_init", 2.0 ** 11)),
-                            growth_interval=int(train_config.get("loss_scale_growth_interval", 1000)),
-                            cap=float(train_config.get("loss_scale_cap", 0.0)))
+    get = train_config.get
+    opts = LossScaleOptions(init=float(get("loss_scale_init", 2.0 ** 11)),
+                            growth_interval=int(get("loss_scale_growth_interval", 1000)),
+                            cap=float(get("loss_scale_cap", 0.0)))
     if not opts.init > 0 or opts.growth_interval < 1 or opts.cap < 0:
         raise ValueError(f"config.train.loss_scale_init={opts.init}, loss_scale_growth_interval="
                          f"{opts.growth_interval}, loss_scale_cap={opts.cap}: need init > 0, "

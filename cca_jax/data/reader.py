@@ -244,9 +244,10 @@ class CropSetMix:
 
     LlamaGen's dataset optionally reads a second code set extracted with ``--crop-range 1.05``
     (``…ten_crop_105``) and takes each example from either set with probability 1/2 (data.md
-    §1.4). Here set ``s``'s view ``v`` becomes view ``s·V + v`` of the image, so ``views="random"``
-    (a uniform view per image per epoch) picks a set uniformly and then a crop uniformly — the
-    official distribution — and ``views="all"`` reads every record of every set once per epoch.
+    §1.4). Here set ``s``'s view ``v`` becomes view ``s·V + v`` of the image, so
+    ``views="random"`` (a uniform view per image per epoch) picks a set uniformly and then a crop
+    uniformly — the official distribution — and ``views="all"`` reads every record of every set
+    once per epoch.
     The sets must be the same images in the same order (the tokenize job run twice on one input)
     with the same views count, tokenizer and classes; anything else is refused.
     """
