@@ -65,6 +65,8 @@ class Family:
     _load: Callable[[str], Any]
     _to_state_dict: Callable[[Any], dict]
     _make_aux: Callable[[Any, jax.Array], Any]
+    # modules whose kernels the model multiplies in float32 whatever the compute dtype
+    float32_kernels: tuple[str, ...] = ()
 
     # ---- forward -------------------------------------------------------------------------
     def logits(self, params, tokens_BL: jax.Array, labels_B: jax.Array, *, train: bool,
@@ -254,7 +256,8 @@ def var_family(model_cfg_dict: dict, tokenizer_dict: Optional[dict] = None, *,
         _load=lambda path: conv.load_checkpoint(path, vcfg),
         _to_state_dict=lambda p: {k: v for k, v in conv.to_state_dict(p, vcfg).items()
                                   if k not in buffers},
-        _make_aux=lambda config, rng: _var_aux(config, rng, vq_cfg))
+        _make_aux=lambda config, rng: _var_aux(config, rng, vq_cfg),
+        float32_kernels=var_lib.FLOAT32_KERNELS)
 
 
 def var_teacher_input(vq_params, tokens_BL: jax.Array, vq_cfg) -> jax.Array:

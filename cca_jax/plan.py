@@ -438,7 +438,8 @@ def plan_memory(config, topology: Optional[str | Topology] = None, *,
     m = micro_batch_for(config, sizes)
     rows = 2 * m if contrastive else m
     # bf16 runs cast the kernels of policy (and reference) before the forward (train.py
-    # _cast_kernels, so that FSDP gathers half the bytes); those copies live through the step.
+    # micro_loss_and_grads, so that FSDP gathers half the bytes); those copies live through the
+    # step.
     copies = local_kernels * b * (1 + int(contrastive)) if b < 4 else 0
     # FSDP gathers a layer's weights before use and XLA reuses the forward's gather in the backward
     # pass (CSE), so all gathered policy weights stay live. Conservative: when short of HBM, XLA's

@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cca_jax import families, losses, optim, sharding
 from cca_jax import loss_scale as loss_scale_lib
+from cca_jax.models import matmul
 
 BATCH_AXES = ("data", "fsdp")
 HPARAM_SECTIONS = ("seed", "model", "init", "loss", "optim", "train", "mesh", "data")
@@ -75,8 +76,7 @@ class TrainState:
         tree = {"step": self.step, "params": self.params, "opt_state": self.opt_state,
                 "rng": self.rng}
         if self.loss_scale is not None:
-            tree["loss_scale"] = {"scale": self.loss_scale.scale,
-                                  "good_steps": self.loss_scale.good_steps}
+            tree["loss_scale"] = flax.serialization.to_state_dict(self.loss_scale)
         return tree
 
     @classmethod
@@ -131,19 +131,6 @@ def _interleave(a, b):
     return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
 
 
-def _cast_kernels(params, dtype):
-    """Matmul kernels in the compute dtype before the forward (the layers would cast them anyway;
-    casting first lets FSDP all-gather half the bytes)."""
-    if dtype == jnp.float32:
-        return params
-
-    def cast(path, x):
-        name = str(getattr(path[-1], "key", ""))
-        return x.astype(dtype) if name == "kernel" and x.dtype == jnp.float32 else x
-
-    return jax.tree_util.tree_map_with_path(cast, params)
-
-
 def micro_loss_and_grads(params, ref_params, tokens_BL, labels_B, key, aux, *,
                          family: families.Family, opts: StepOptions,
                          uncond_B: Optional[jax.Array] = None, scale=None):
@@ -160,12 +147,17 @@ def micro_loss_and_grads(params, ref_params, tokens_BL, labels_B, key, aux, *,
     dtype = opts.compute_dtype
     tokens_BL = tokens_BL.astype(jnp.int32)
 
+    def cast_kernels(p):
+        # the layers would cast the kernels anyway; casting first lets FSDP all-gather half the
+        # bytes. Kernels the model multiplies in float32 (VAR's word_embed, head_nm) stay float32.
+        return matmul.cast_kernels(p, dtype, keep=family.float32_kernels)
+
     if opts.loss_type == "mle":
         y_B = losses.drop_labels(k_lab, labels_B, rate=opts.label_dropout,
                                  null_label=family.null_label)
 
         def f(p):
-            logits = family.logits(_cast_kernels(p, dtype), tokens_BL, y_B, train=True, rng=k_pol,
+            logits = family.logits(cast_kernels(p), tokens_BL, y_B, train=True, rng=k_pol,
                                    dtype=dtype, aux=aux)
             tok_BL, top1_BL = losses.token_logp_and_top1(logits, tokens_BL)
             logp_B = jnp.sum(tok_BL, axis=-1)
@@ -183,13 +175,13 @@ def micro_loss_and_grads(params, ref_params, tokens_BL, labels_B, key, aux, *,
                                   negatives=opts.negatives, roll_group=opts.roll_group)
     tokens2 = _interleave(tokens_BL, tokens_BL)
     labels2 = _interleave(lab.pos_B, lab.neg_B)
-    ref_logits = family.logits(_cast_kernels(ref_params, dtype), tokens2, labels2, train=True,
+    ref_logits = family.logits(cast_kernels(ref_params), tokens2, labels2, train=True,
                                rng=k_ref, dtype=dtype, aux=aux)
     ref_logp = jax.lax.stop_gradient(losses.sequence_logp(ref_logits, tokens2)).reshape(B, 2)
     del ref_logits
 
     def f(p):
-        logits = family.logits(_cast_kernels(p, dtype), tokens2, labels2, train=True, rng=k_pol,
+        logits = family.logits(cast_kernels(p), tokens2, labels2, train=True, rng=k_pol,
                                dtype=dtype, aux=aux)
         tok_2BL, top1_2BL = losses.token_logp_and_top1(logits, tokens2)
         logp = jnp.sum(tok_2BL, axis=-1).reshape(B, 2)
@@ -756,9 +748,9 @@ def _restorable_state(trainer: Trainer, ckpt) -> tuple[dict, dict]:
     saved = "loss_scale" in ckpt.saved_state_keys(step)
     if saved and "loss_scale" not in abstract:
         repl = _replicated(trainer.mesh)
-        ls = loss_scale_lib.abstract()
-        abstract["loss_scale"] = {"scale": ls.scale, "good_steps": ls.good_steps}
-        shardings["loss_scale"] = {"scale": repl, "good_steps": repl}
+        abstract["loss_scale"] = flax.serialization.to_state_dict(loss_scale_lib.abstract())
+        shardings["loss_scale"] = flax.serialization.to_state_dict(
+            loss_scale_lib.LossScaleState(scale=repl, good_steps=repl))
     elif not saved:
         abstract.pop("loss_scale", None)
         shardings.pop("loss_scale", None)

@@ -606,3 +606,26 @@ def test_resume_names_changed_settings():
     c.loss.lambda_, c.optim.lr, c.train.log_every = 8.0, 3e-4, 7  # train.* is not checked
     assert train.resume_config_changes(saved, c) == ["loss.lambda_: 4.0 -> 8.0",
                                                      "optim.lr: 0.0001 -> 0.0003"]
+
+
+def test_bf16_step_keeps_the_float32_kernels_of_var_in_float32():
+    """The step casts kernels to the compute dtype before the forward, except those the model
+    multiplies in float32 (VAR's word_embed and head_nm): the logits are the model's own."""
+    import dataclasses
+    from test_families import var_config
+    c = var_config()
+    c.model.drop_path_rate = 0.0
+    fam = families.from_config(c)
+    opts = dataclasses.replace(train.StepOptions.from_config(c), compute_dtype=jnp.bfloat16)
+    params = jax.tree_util.tree_map(jnp.asarray, perturbed_init(fam))
+    aux = fam.make_aux(c, jax.random.key(2))
+    t = jax.random.randint(jax.random.key(3), (4, fam.num_tokens), 0, c.model.vocab_size)
+    y = jnp.arange(4, dtype=jnp.int32)
+    _, _, _, ex = jax.jit(lambda p: train.micro_loss_and_grads(
+        p, p, t, y, jax.random.key(0), aux, family=fam, opts=opts))(params)
+    labels2 = train._interleave(ex["pos_labels"], ex["neg_labels"])
+    t2 = train._interleave(t, t)
+    logits = jax.jit(lambda p: fam.logits(p, t2, labels2, train=True, rng=jax.random.key(1),
+                                          dtype=jnp.bfloat16, aux=aux))(params)
+    want = losses.sequence_logp(logits, t2).reshape(4, 2)
+    np.testing.assert_array_equal(ex["ref_logp"], want)

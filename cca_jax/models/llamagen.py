@@ -214,11 +214,11 @@ class HeadMajorKVCache(attn_lib.KVCache):
 
     Same ``update(k_BLKD, v_BLKD, index)`` contract; :meth:`kv_blocks` gives ``[B, S, K, D]``
     transposed views for :func:`~cca_jax.models.attention.attend_kv_blocks`. Why: XLA's batched
-    dot wants the (batch, head) axes leading; with the sequence-major layout XLA copies a transposed cache in
-    every layer at every decode step (on CPU, attention over the cache alone measured 4.9 ms vs
-    0.2 ms of CPU time per layer-step at B=8, S=264, H=8, D=64). With this layout the transposes
-    cancel inside the dot and nothing is copied. (Official LlamaGen uses the same
-    ``(batch, heads, seq, head_dim)`` buffers.)
+    dot wants the (batch, head) axes leading; with the sequence-major layout XLA copies a
+    transposed cache in every layer at every decode step (on CPU, attention over the cache alone
+    measured 4.9 ms vs 0.2 ms of CPU time per layer-step at B=8, S=264, H=8, D=64). With this
+    layout the transposes cancel inside the dot and nothing is copied. (Official LlamaGen uses
+    the same ``(batch, heads, seq, head_dim)`` buffers.)
     """
 
     @classmethod
