@@ -83,3 +83,27 @@ def test_block_causal_equals_full_mask_values_and_grads():
             np.testing.assert_allclose(g_b, g_f, rtol=1e-4, atol=1e-5)
     with np.testing.assert_raises(ValueError):
         attention.attend_block_causal(q, k, v, level[:-1])
+
+
+def test_attend_runs_head_major_and_equals_the_sequence_major_products():
+    """The products run on ``[B, H, L, D]`` operands (batch, head leading: plain batched GEMMs on
+    CPU) and give what the same products on the ``[B, L, H, D]`` operands give: the forward bit
+    for bit, the gradients up to float32 summation order."""
+    from cca_jax.bench.attention import sequence_major_attend
+
+    B, L, H, D = 2, 7, 3, 8
+    q, k, v, ct = (jax.random.normal(jax.random.key(i), (B, L, H, D)) for i in range(4))
+    mask = attention.causal_mask(L)
+    ours = lambda q, k, v: attention.attend(q, k, v, mask=mask)
+    base = lambda q, k, v: sequence_major_attend(q, k, v, mask)
+    grad = lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * ct), argnums=(0, 1, 2)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(ours)(q, k, v)), np.asarray(jax.jit(base)(q, k, v)))
+    for a, b in zip(grad(ours)(q, k, v), grad(base)(q, k, v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    dots = [e for e in jax.make_jaxpr(ours)(q, k, v).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2
+    for e in dots:
+        (_, _), (batch_a, batch_b) = e.params["dimension_numbers"]
+        assert tuple(batch_a) == (0, 1) and tuple(batch_b) == (0, 1), e.params["dimension_numbers"]
+        assert [x.aval.shape[:2] for x in e.invars] == [(B, H), (B, H)]

@@ -33,6 +33,10 @@ def test_filter_bench_runs(capsys):
 
 
 def test_attention_bench_runs(capsys):
-    attn_bench.main(["--batch", "1", "--heads", "1", "--head-dim", "4", "--reps", "1", "--min-rows", "64"])
+    attn_bench.main(["--batch", "1", "--heads", "1", "--head-dim", "4", "--reps", "1", "--min-rows", "64",
+                     "--length", "16"])
     out = capsys.readouterr().out
     assert "full mask" in out and "blocks min_rows=64 (5 blocks)" in out and "0.63 of L^2" in out
+    assert "q/k/v (1, 16, 1, 4)" in out
+    for name in ("sequence-major einsums", "attend (head-major)"):
+        assert out.count(name) == 2, out  # forward, fwd+bwd
