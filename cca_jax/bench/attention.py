@@ -10,7 +10,7 @@ the default device, per layer of the CCA step:
 * LlamaGen (``--shape llamagen``, BENCH-LLAMAGEN): ``[8, 256, 8, 64]`` with a causal mask, forward
   alone and forward + backward, :func:`attention.attend` against the same products written on the
   sequence-major ``[B, L, H, D]`` operands (what ``attend`` computed before it went head-major;
-  the two are bit-equal).
+  the forwards are bit-equal).
 
 Prints ms per call (wall and CPU time / cores) and, for VAR, the score-matrix entries each
 variant computes.
@@ -45,14 +45,16 @@ def sequence_major_attend(q_BLHD: jax.Array, k_BLHD: jax.Array, v_BLHD: jax.Arra
     """The baseline: softmax attention with both products contracted on ``[B, L, H, D]`` operands
     as they come out of the projections, letting XLA pick the layouts."""
     hp = jax.lax.Precision.HIGHEST
+    scale = 1.0 / jnp.sqrt(jnp.float32(q_BLHD.shape[-1]))
     logits = jnp.einsum("blhd,bshd->bhls", q_BLHD, k_BLHD, precision=hp,
-                        preferred_element_type=jnp.float32) * (1.0 / jnp.sqrt(jnp.float32(q_BLHD.shape[-1])))
+                        preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
     return jnp.einsum("bhls,bshd->blhd", probs, v_BLHD, precision=hp,
                       preferred_element_type=jnp.float32)
 
 
 def bench_llamagen(args) -> None:
+    """Sequence-major products against :func:`attention.attend`, forward and forward + backward."""
     L = args.length or 256
     shape = (args.batch, L, args.heads, args.head_dim)
     q, k, v, ct = (jax.random.normal(jax.random.key(i), shape) for i in range(4))
@@ -72,28 +74,8 @@ def bench_llamagen(args) -> None:
                   f"speed-up {base[what] / wall:.2f}x")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="var,llamagen", help="var, llamagen or both (comma-separated)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--length", type=int, default=0, help="LlamaGen sequence length (default 256)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--min-rows", default="1,64,128,256")
-    args = ap.parse_args(argv)
-    shapes = args.shape.split(",")
-    unknown = set(shapes) - {"var", "llamagen"}
-    if unknown:
-        raise SystemExit(f"--shape: unknown {sorted(unknown)}; expected var and/or llamagen.")
-    if "var" in shapes:
-        bench_var(args)
-    if "llamagen" in shapes:
-        bench_llamagen(args)
-
-
 def bench_var(args) -> None:
-
+    """Full mask against scale blocks at BENCH-VAR's shape, forward + backward."""
     level = np.concatenate([np.full(p * p, i) for i, p in enumerate(PATCH_NUMS)])
     L = len(level)
     shape = (args.batch, L, args.heads, args.head_dim)
@@ -121,6 +103,26 @@ def bench_var(args) -> None:
         base = base or wall
         print(f"  {name:34s} {wall * 1e3:8.1f} ms wall  {cpu * 1e3:8.1f} ms cpu/core  "
               f"score entries {entries / (L * L):.2f} of L^2  speed-up {base / wall:.2f}x")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="var,llamagen", help="var, llamagen or both (comma-separated)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--length", type=int, default=0, help="LlamaGen sequence length (default 256)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--min-rows", default="1,64,128,256")
+    args = ap.parse_args(argv)
+    shapes = args.shape.split(",")
+    unknown = set(shapes) - {"var", "llamagen"}
+    if unknown:
+        raise SystemExit(f"--shape: unknown {sorted(unknown)}; expected var and/or llamagen.")
+    if "var" in shapes:
+        bench_var(args)
+    if "llamagen" in shapes:
+        bench_llamagen(args)
 
 
 if __name__ == "__main__":
