@@ -73,6 +73,11 @@ def abstract() -> LossScaleState:
                           good_steps=jax.ShapeDtypeStruct((), jnp.int32))
 
 
+def replicated(sharding) -> LossScaleState:
+    """The state's shardings: ``sharding`` (replicated) for both scalars."""
+    return LossScaleState(scale=sharding, good_steps=sharding)
+
+
 def update(state: LossScaleState, finite: jax.Array, opts: LossScaleOptions) -> LossScaleState:
     """The scale and count after a step run at ``state.scale`` (``finite``: bool scalar)."""
     good = state.good_steps + 1

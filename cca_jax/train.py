@@ -336,8 +336,7 @@ class Trainer:
             transform_non_params=lambda _: repl)
         self.state_shardings = TrainState(
             step=repl, params=self.param_shardings, opt_state=opt_shardings, rng=repl,
-            loss_scale=(None if self.opts.loss_scale is None else
-                        loss_scale_lib.LossScaleState(scale=repl, good_steps=repl)))
+            loss_scale=(None if self.opts.loss_scale is None else loss_scale_lib.replicated(repl)))
         self.ref_dtype = families.parse_dtype(config.train.reference_dtype,
                                               "config.train.reference_dtype")
         self.batch_shardings = {"tokens": sharding.batch_sharding(self.mesh, 2),
@@ -747,10 +746,9 @@ def _restorable_state(trainer: Trainer, ckpt) -> tuple[dict, dict]:
         return abstract, shardings
     saved = "loss_scale" in ckpt.saved_state_keys(step)
     if saved and "loss_scale" not in abstract:
-        repl = _replicated(trainer.mesh)
         abstract["loss_scale"] = flax.serialization.to_state_dict(loss_scale_lib.abstract())
         shardings["loss_scale"] = flax.serialization.to_state_dict(
-            loss_scale_lib.LossScaleState(scale=repl, good_steps=repl))
+            loss_scale_lib.replicated(_replicated(trainer.mesh)))
     elif not saved:
         abstract.pop("loss_scale", None)
         shardings.pop("loss_scale", None)

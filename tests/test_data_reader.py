@@ -1,6 +1,7 @@
 """Token shard reader: disjoint per-process slices, exact resume, metadata and bad-data checks."""
 
 import os
+import time
 
 import ml_collections
 import numpy as np
@@ -194,7 +195,7 @@ def test_bad_tokens_and_labels_name_file_and_record(tmp_path):
     def make(mode):
         return reader.TokenIterator(reader.ShardStore(p), global_batch_size=10, rows=np.arange(10),
                                     vocab_size=50, num_classes=3, on_bad_record=mode, shuffle=False,
-                                    prefetch=0)  # a read-ahead thread would count later skips too
+                                    prefetch=0)
     it = make("error")
     with pytest.raises(reader.BadDataError) as e:
         next(it)
@@ -207,6 +208,27 @@ def test_bad_tokens_and_labels_name_file_and_record(tmp_path):
     assert b["tokens"].max() < 50 and b["labels"].max() < 3 and b["tokens"].shape == (10, 4)
 
 
+def test_skip_count_covers_only_the_batches_handed_out(dataset, tmp_path):
+    """With a read-ahead thread that has already read the next epoch's batch (which holds the
+    truncated shard's records again), ``stats["skipped"]`` still counts the first batch only."""
+    path, meta, *_ = dataset
+    trunc = _copy(path, tmp_path / "trunc")
+    f = os.path.join(trunc, meta["shards"][1]["file"])
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) // 2])
+    it = reader.make_dataset(_config(trunc, views="all", on_bad_record="skip", prefetch=2),
+                             process_index=0, process_count=1, global_batch_size=N * V)
+    next(it)
+    deadline = time.monotonic() + 30
+    while not it._queue.full() and time.monotonic() < deadline:  # the thread reads two ahead
+        time.sleep(0.01)
+    assert it._queue.full()
+    assert it.stats["skipped"] == meta["shards"][1]["num_records"]
+    next(it)
+    assert it.stats["skipped"] == 2 * meta["shards"][1]["num_records"]
+    it.close()
+
+
 def test_truncated_and_corrupt_shards(dataset, tmp_path):
     path, meta, *_ = dataset
     trunc = _copy(path, tmp_path / "trunc")
@@ -217,8 +239,7 @@ def test_truncated_and_corrupt_shards(dataset, tmp_path):
     it = reader.make_dataset(cfg, process_index=0, process_count=1, global_batch_size=N * V)
     with pytest.raises(reader.BadDataError, match=meta["shards"][1]["file"]):
         next(it)
-    # prefetch=0: a read-ahead thread may already have skipped the next epoch's copy of the shard
-    skip = reader.make_dataset(_config(trunc, views="all", on_bad_record="skip", prefetch=0),
+    skip = reader.make_dataset(_config(trunc, views="all", on_bad_record="skip"),
                                process_index=0, process_count=1, global_batch_size=N * V)
     next(skip)
     assert skip.stats["skipped"] == meta["shards"][1]["num_records"]

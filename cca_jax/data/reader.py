@@ -433,6 +433,12 @@ class TokenIterator:
     # ---- batches ---------------------------------------------------------------------------
     def batch_at(self, position: int) -> dict:
         """This process's rows of the global batch starting at ``position`` (no side effects)."""
+        return self._read_batch(position)[0]
+
+    def _read_batch(self, position: int) -> tuple[dict, int]:
+        """(:meth:`batch_at`, how many bad examples it skipped). The count is added to
+        ``stats["skipped"]`` when the batch is handed out, so a read-ahead thread never counts
+        batches the consumer has not taken."""
         rids = self.order.records(position + self.rows)
         examples = self.store.read(rids)
         bad = [i for i, ex in enumerate(examples) if isinstance(ex, Exception)]
@@ -463,20 +469,19 @@ class TokenIterator:
                 logging.warning("Skipping bad example: %s", examples[i])
                 nxt = next((g for g in good if g > i), good[0])
                 examples[i] = examples[nxt]
-            self.stats["skipped"] += len(bad_set)
         L = self.store.tokens_per_example
         tokens = np.empty((len(examples), L), np.int32)
         labels = np.empty((len(examples),), np.int32)
         for i, ex in enumerate(examples):
             tokens[i] = ex["tokens"]
             labels[i] = ex["label"]
-        return {"tokens": tokens, "labels": labels}
+        return {"tokens": tokens, "labels": labels}, len(bad)
 
     def _producer(self, start: int, q: queue.Queue, stop: threading.Event):
         pos = start
         while not stop.is_set():
             try:
-                item = (pos, self.batch_at(pos))
+                item = (pos, self._read_batch(pos))
             except Exception as e:  # noqa: BLE001 - handed to the consumer
                 item = (pos, e)
             while not stop.is_set():
@@ -501,19 +506,21 @@ class TokenIterator:
 
     def __next__(self) -> dict:
         if self.prefetch <= 0:
-            batch = self.batch_at(self._position)
+            batch, skipped = self._read_batch(self._position)
         else:
             if self._thread is None:
                 self._queue = queue.Queue(maxsize=self.prefetch)
                 self._thread = threading.Thread(target=self._producer, daemon=True,
                                                 args=(self._position, self._queue, self._stop))
                 self._thread.start()
-            pos, batch = self._queue.get()
+            pos, item = self._queue.get()
             assert pos == self._position, (pos, self._position)
-            if isinstance(batch, Exception):
+            if isinstance(item, Exception):
                 self._shutdown()
-                raise batch
+                raise item
+            batch, skipped = item
         self._position += self.global_batch_size
+        self.stats["skipped"] += skipped
         self.stats["batches"] += 1
         return batch
 
